@@ -1,0 +1,117 @@
+"""Domain objects shared by every part of ragtune: passages, questions, corpus, splits.
+
+Kept free of I/O so that retrievers, generators and strategies can depend on it
+without pulling in file formats.  `passage_text` is the single definition of what
+an encoder or generator sees for a passage; use it everywhere.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, NamedTuple, Sequence
+
+
+@dataclass
+class Passage:
+    id: str
+    title: str
+    text: str
+
+
+@dataclass
+class Question:
+    id: str
+    question: str
+    answers: list[str]
+    gold_passage_ids: list[str] = field(default_factory=list)  # in hop order
+    candidate_passage_ids: list[str] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)  # e.g. {"kind": "bridge"}
+
+
+def passage_text(p: Passage) -> str:
+    """The text models see for a passage: "title. text" (just text when untitled)."""
+    return f"{p.title}. {p.text}" if p.title else p.text
+
+
+class Problem(NamedTuple):
+    """One validation problem; line is 1-based (0 = the file as a whole)."""
+    file: str
+    line: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.field}: {self.message}"
+
+
+class DataError(Exception):
+    """Raised with every problem found, never just the first."""
+
+    def __init__(self, problems: Iterable[tuple]):
+        self.problems = [Problem(*p) for p in problems]
+        super().__init__(self.problems)  # args round-trip through pickle
+
+    def __str__(self) -> str:
+        return "\n".join(str(p) for p in self.problems)
+
+
+class Corpus:
+    """An ordered list of passages with an id -> row index."""
+
+    def __init__(self, passages: Iterable[Passage]):
+        self.passages: list[Passage] = list(passages)
+        self._rows: dict[str, int] = {}
+        problems = []
+        for i, p in enumerate(self.passages):
+            if p.id in self._rows:
+                problems.append(("<corpus>", i + 1, "id",
+                                 f"duplicate id {p.id!r} (first at row {self._rows[p.id] + 1})"))
+            else:
+                self._rows[p.id] = i
+        if problems:
+            raise DataError(problems)
+
+    def __len__(self) -> int:
+        return len(self.passages)
+
+    def __getitem__(self, i: int) -> Passage:
+        return self.passages[i]
+
+    def __iter__(self) -> Iterator[Passage]:
+        return iter(self.passages)
+
+    def __contains__(self, pid: object) -> bool:
+        return pid in self._rows
+
+    def row(self, pid: str) -> int:
+        try:
+            return self._rows[pid]
+        except KeyError:
+            raise KeyError(f"passage id {pid!r} is not in the corpus "
+                           f"({len(self)} passages)") from None
+
+    def get(self, pid: str) -> Passage:
+        return self.passages[self.row(pid)]
+
+    @property
+    def ids(self) -> list[str]:
+        return [p.id for p in self.passages]
+
+    passage_text = staticmethod(passage_text)
+
+    def texts(self, rows: Sequence[int] | None = None) -> list[str]:
+        """Model-facing strings for the given rows (all rows when None)."""
+        ps = self.passages if rows is None else (self.passages[r] for r in rows)
+        return [passage_text(p) for p in ps]
+
+
+@dataclass
+class RAGData:
+    corpus: Corpus
+    train: list[Question]
+    dev: list[Question]
+    test: list[Question]
+
+    def split(self, name: str) -> list[Question]:
+        if name not in ("train", "dev", "test"):
+            raise KeyError(f"unknown split {name!r}; expected train, dev or test")
+        return getattr(self, name)

