@@ -61,7 +61,7 @@ class TinyEncoder:
 
 @dataclass
 class RetrieverConfig:
-    model: str = "tiny"              # tiny | minilm | <local path or hub name>
+    model: str = "tiny"              # tiny | minilm | auto (minilm if installed, else tiny) | <path or hub name>
     shared_towers: bool = False      # one encoder for queries and passages
     pooling: str = "mean"            # mean | cls
     normalize: bool = True
@@ -161,6 +161,7 @@ class EvalConfig:
     recall_k: List[int] = field(default_factory=lambda: [1, 5])
     batch_size: int = 32
     splits: List[str] = field(default_factory=lambda: ["dev", "test"])
+    oracle: bool = False             # read the gold passages (padded with retrieved ones) instead of the top-K
 
 
 @dataclass

@@ -17,11 +17,22 @@ from ragtune import metrics
 from ragtune.data import Question
 
 
+def oracle_retrieval(m, batch: Sequence[Question], k: int):
+    """Gold passages first, padded to k with the best retrieved non-gold ones (an upper bound)."""
+    q = m.encode_questions([x.question for x in batch])
+    _, top = m.index.search(q, k)
+    rows = []
+    for x, cand in zip(batch, top.tolist()):
+        gold = m.rows_of(x.gold_passage_ids)[:k]
+        rows.append(gold + [r for r in cand if r not in gold][: k - len(gold)])
+    return m.make_retrieval(q, torch.tensor(rows, device=top.device))
+
+
 @torch.no_grad()
-def core_predict(m, batch: Sequence[Question], k: int) -> List[dict]:
+def core_predict(m, batch: Sequence[Question], k: int, oracle: bool = False) -> List[dict]:
     """RAG-Sequence thorough decoding for a batch; returns {prediction, retrieved_ids} per question."""
     questions = [q.question for q in batch]
-    ret = m.retrieve(questions, k)
+    ret = oracle_retrieval(m, batch, k) if oracle else m.retrieve(questions, k)
     prior = torch.log_softmax(ret.scores.float(), dim=-1)                    # (B, K)
     flat_q = [q for q in questions for _ in range(k)]
     flat_p = [p for ps in ret.texts for p in ps]
@@ -52,8 +63,8 @@ def retrieved_ids(m, questions: Sequence[Question], k: int, batch_size: int) -> 
 
 
 @torch.no_grad()
-def evaluate(m, questions: Sequence[Question], k: int, recall_ks: Sequence[int], batch_size: int
-             ) -> Dict[str, object]:
+def evaluate(m, questions: Sequence[Question], k: int, recall_ks: Sequence[int], batch_size: int,
+             oracle: bool = False) -> Dict[str, object]:
     """Scores and per-question predictions on `questions` with the strategy's (or core) predictor."""
     was_training = m.training
     m.eval()
@@ -61,8 +72,8 @@ def evaluate(m, questions: Sequence[Question], k: int, recall_ks: Sequence[int],
     with m.ledger.evaluating():
         for i in range(0, len(questions), batch_size):
             batch = questions[i:i + batch_size]
-            out = m.strategy.predict(batch, m, k)
-            preds += out if out is not None else core_predict(m, batch, k)
+            out = None if oracle else m.strategy.predict(batch, m, k)
+            preds += out if out is not None else core_predict(m, batch, k, oracle)
         kmax = min(max(list(recall_ks) + [k]), len(m.corpus))
         single = retrieved_ids(m, questions, kmax, batch_size)
     m.train(was_training)
@@ -84,6 +95,8 @@ def score(questions: Sequence[Question], preds: List[dict], single: List[List[st
     for kind in kinds:
         idx = [i for i, q in enumerate(questions) if q.meta.get("kind") == kind]
         out[f"em/{kind}"] = sum(ems[i] for i in idx) / len(idx)
+        for k in recall_ks:
+            out[f"recall@{k}/{kind}"] = metrics.recall_at_k([single[i] for i in idx], [gold_ids[i] for i in idx], k)
     rows = [{"id": q.id, "question": q.question, "answers": q.answers, "prediction": p["prediction"],
              "retrieved_ids": p.get("retrieved_ids", []), "gold_passage_ids": q.gold_passage_ids,
              "em": e, "f1": f, **{k: v for k, v in p.items() if k not in ("prediction", "retrieved_ids")}}

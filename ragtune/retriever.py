@@ -80,6 +80,9 @@ class DualEncoder(nn.Module):
 def build_retriever(cfg, texts: List[str], ledger: Ledger, seed: int) -> DualEncoder:
     """Build from `cfg.retriever`: tiny (tokenizer trained on `texts`), minilm (bundled) or HF name/path."""
     name = cfg.model
+    if name == "auto":
+        name = "minilm" if modelzoo.minilm_available() else "tiny"
+        print(f"retriever.model=auto -> {name}", flush=True)
     if name == "tiny":
         tok = modelzoo.train_wordpiece(texts, cfg.tiny.vocab_size)
         enc = modelzoo.tiny_encoder(cfg.tiny, tok, seed)

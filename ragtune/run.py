@@ -145,7 +145,7 @@ def evaluate_splits(cfg, m: RAGPipeline, data: RAGData, run_dir: Path) -> Dict[s
     ec, out = cfg.eval, {}
     for split in ec.splits:
         with m.ledger.wall("eval"):
-            res = evaluate(m, getattr(data, split), ec.k or cfg.train.k, list(ec.recall_k), ec.batch_size)
+            res = evaluate(m, getattr(data, split), ec.k or cfg.train.k, list(ec.recall_k), ec.batch_size, ec.oracle)
         preds = res.pop("predictions")
         name = "predictions.jsonl" if split == "test" else f"predictions_{split}.jsonl"
         with open(run_dir / name, "w") as f:

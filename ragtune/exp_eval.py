@@ -1,0 +1,55 @@
+"""Evaluate a finished run on chosen splits: `python -m ragtune.exp_eval RUN_DIR SPLIT...`.
+
+What: like `ragtune eval RUN_DIR` (scores.json + predictions[_split].jsonl from config.yaml and
+final.pt), but on the splits named here. Why: grid runs are launched with `eval.splits=[dev]`
+so that selection never sees test; the experiment runner then evaluates only the selected runs
+on test with this command. (`ragtune eval` re-uses the run's own eval.splits, i.e. dev only.)
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+
+def eval_splits(run_dir: str, splits: List[str]) -> Dict[str, object]:
+    import torch
+
+    from ragtune.config import ConfigError, load_config
+    from ragtune.cost import Ledger, device_name
+    from ragtune.run import build_pipeline, evaluate_splits, load_data, load_final, seed_everything
+
+    d = Path(run_dir)
+    if not (d / "final.pt").exists():
+        raise ConfigError(f"{d}: no final.pt (the run did not finish successfully)")
+    cfg = load_config([str(d / "config.yaml")],
+                      [f"run_dir={d}", "train.init_from=", f"eval.splits=[{','.join(splits)}]"])
+    seed_everything(cfg.train.seed, cfg.train.threads)
+    ledger = Ledger(device_name("cuda" if torch.cuda.is_available() else "cpu"))
+    data = load_data(cfg.data)
+    m = build_pipeline(cfg, data, ledger)
+    load_final(m, d / "final.pt")
+    scores = evaluate_splits(cfg, m, data, d)
+    (d / "scores.json").write_text(json.dumps(scores, indent=2))
+    return scores
+
+
+def main(argv: List[str]) -> int:
+    if len(argv) < 2:
+        print("usage: python -m ragtune.exp_eval RUN_DIR SPLIT...", file=sys.stderr)
+        return 2
+    from ragtune.config import ConfigError
+
+    try:
+        scores = eval_splits(argv[0], argv[1:])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for split, s in scores.items():
+        print(f"{split}: " + " ".join(f"{k} {v:.4f}" for k, v in s.items() if isinstance(v, float)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
