@@ -38,7 +38,11 @@ def load_data(dc) -> RAGData:
     """Corpus and splits from the synthetic benchmark, local files or HF datasets."""
     fmap = dict(dc.field_map)
     if dc.source == "synth":
-        data = load_synth(SynthConfig(seed=dc.synth.seed, **dict(dc.synth.options)), dc.cache_dir)
+        try:
+            scfg = SynthConfig(seed=dc.synth.seed, **dict(dc.synth.options))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"config key 'data.synth.options': {e}") from e
+        data = load_synth(scfg, Path(dc.cache_dir).expanduser() / "synth")
     elif dc.source == "files":
         folder = Path(dc.dir).expanduser()
         if not folder.is_dir():
