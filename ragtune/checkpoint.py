@@ -85,7 +85,10 @@ def save_final_weights(m, path: Path, components) -> None:
     torch.save(trained_weights(m, components), path)
 
 
-def load_weights(m, path: Path) -> None:
-    missing, unexpected = m.load_state_dict(torch.load(path, map_location="cpu"), strict=False)
+def load_weights(m, src) -> None:
+    """Load trained weights into `m` from a state dict or from a file written by save_final_weights."""
+    state = src if isinstance(src, dict) else torch.load(src, map_location="cpu")
+    missing, unexpected = m.load_state_dict(state, strict=False)
     if unexpected:
-        raise ValueError(f"{path}: unexpected keys in weights, e.g. {unexpected[:3]}")
+        where = "weights" if isinstance(src, dict) else str(src)
+        raise ValueError(f"{where}: unexpected keys in weights, e.g. {unexpected[:3]}")

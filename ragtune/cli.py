@@ -47,6 +47,8 @@ def cmd_train(args: List[str]) -> int:
             raise
         result = failed_result(cfg, e)
         print(result["traceback"], file=sys.stderr)
+    if result.get("secondary_process"):
+        return STATUS_EXIT[result["status"]]
     _print_result(result)
     return STATUS_EXIT[result["status"]]
 
@@ -127,9 +129,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
+    from transformers.utils import logging as hf_logging
+
     from ragtune.config import ConfigError
     from ragtune.data import DataError
     from ragtune.modelzoo import ModelLoadError
+
+    hf_logging.disable_progress_bar()
 
     try:
         return COMMANDS[argv[0]](argv[1:])

@@ -1,9 +1,11 @@
-"""Evaluate a finished run on chosen splits: `python -m ragtune.exp_eval RUN_DIR SPLIT...`.
+"""Evaluate finished runs on chosen splits: `python -m ragtune.exp_eval SPLITS RUN_DIR...`.
 
 What: like `ragtune eval RUN_DIR` (scores.json + predictions[_split].jsonl from config.yaml and
-final.pt), but on the splits named here. Why: grid runs are launched with `eval.splits=[dev]`
-so that selection never sees test; the experiment runner then evaluates only the selected runs
-on test with this command. (`ragtune eval` re-uses the run's own eval.splits, i.e. dev only.)
+final.pt), but on the splits named here (comma-separated), for several runs in one process.
+Why: grid runs are launched with `eval.splits=[dev]` so that selection never sees test; the
+experiment runner then evaluates only the selected runs on test with this command (`ragtune
+eval` re-uses the run's own eval.splits, i.e. dev only). One process for several runs saves the
+interpreter start-up per run.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ def eval_splits(run_dir: str, splits: List[str]) -> Dict[str, object]:
     if not (d / "final.pt").exists():
         raise ConfigError(f"{d}: no final.pt (the run did not finish successfully)")
     cfg = load_config([str(d / "config.yaml")],
-                      [f"run_dir={d}", "train.init_from=", f"eval.splits=[{','.join(splits)}]"])
+                      [f"run_dir={d}", "train.init_from=''", f"eval.splits=[{','.join(splits)}]"])
     seed_everything(cfg.train.seed, cfg.train.threads)
     ledger = Ledger(device_name("cuda" if torch.cuda.is_available() else "cpu"))
     data = load_data(cfg.data)
@@ -37,18 +39,21 @@ def eval_splits(run_dir: str, splits: List[str]) -> Dict[str, object]:
 
 def main(argv: List[str]) -> int:
     if len(argv) < 2:
-        print("usage: python -m ragtune.exp_eval RUN_DIR SPLIT...", file=sys.stderr)
+        print("usage: python -m ragtune.exp_eval SPLIT[,SPLIT] RUN_DIR...", file=sys.stderr)
         return 2
     from ragtune.config import ConfigError
 
-    try:
-        scores = eval_splits(argv[0], argv[1:])
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for split, s in scores.items():
-        print(f"{split}: " + " ".join(f"{k} {v:.4f}" for k, v in s.items() if isinstance(v, float)))
-    return 0
+    rc = 0
+    for run_dir in argv[1:]:
+        try:
+            scores = eval_splits(run_dir, argv[0].split(","))
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            rc = 2
+            continue
+        for split, s in scores.items():
+            print(f"{run_dir} {split}: " + " ".join(f"{k} {v:.4f}" for k, v in s.items() if isinstance(v, float)))
+    return rc
 
 
 if __name__ == "__main__":

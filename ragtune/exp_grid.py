@@ -2,7 +2,7 @@
 
 What: a strategy is searched over the learning rates of the components it trains (the union of
 its declared phases' `trains`; "strategy" only if it has parameters). One phase, or
-`search: joint` -> one stage, the cartesian product over its components (2-D for two). Several
+`search: product` -> one stage, the cartesian product over its components (2-D for two). Several
 phases training disjoint components -> one stage per phase: phase i runs alone
 (`train.only_phase`) from the best phase i-1 run on dev (`train.init_from`), so a two-phase
 strategy costs |grid_1| + |grid_2| runs instead of |grid_1| x |grid_2|. Nothing trained -> one run.
@@ -46,6 +46,15 @@ class StrategyPlan:
     grid: Dict[str, List[float]]          # component -> lrs searched
     phasewise: bool
     base_overrides: List[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """How this strategy is searched, e.g. 'phase-wise: generator(generator: 2) -> retriever(query_encoder: 2)'."""
+        if not self.grid:
+            return "one run (nothing trained)"
+        part = lambda cs: " x ".join(f"{c}: {len(self.grid[c])}" for c in cs) or "-"
+        if self.phasewise:
+            return "phase-wise: " + " -> ".join(f"{p}({part(cs)})" for p, cs in self.stages)
+        return f"product({part(self.stages[0][1])})"
 
     def n_runs(self, n_seeds: int) -> int:
         return n_seeds * sum(len(points(self.grid, comps)) for _, comps in self.stages)

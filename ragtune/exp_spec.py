@@ -48,7 +48,7 @@ class ExperimentSpec:
     report: List[str] = field(default_factory=lambda: ["dev", "test"])
     launcher: str = "local"                                     # local | ray
     parallel: int = 0                                           # local: concurrent runs (0 = one per visible GPU, 1 on CPU)
-    search: str = "phasewise"                                   # phasewise | joint (full product even for phased strategies)
+    search: str = "phasewise"                                   # phasewise | product (full product even for phased strategies)
     grids: Dict[str, Dict[str, List[float]]] = field(default_factory=dict)  # strategy or "default" -> component -> lrs
     strategy_overrides: Dict[str, List[str]] = field(default_factory=dict)  # strategy -> extra key=value
     bootstrap: Bootstrap = field(default_factory=Bootstrap)
@@ -121,8 +121,8 @@ def validate(spec) -> None:
         raise ConfigError(f"experiment key 'name': must be a non-empty folder name, got {spec.name!r}")
     if spec.launcher not in ("local", "ray"):
         raise ConfigError(f"experiment key 'launcher': {spec.launcher!r} is not one of local, ray")
-    if spec.search not in ("phasewise", "joint"):
-        raise ConfigError(f"experiment key 'search': {spec.search!r} is not one of phasewise, joint")
+    if spec.search not in ("phasewise", "product"):
+        raise ConfigError(f"experiment key 'search': {spec.search!r} is not one of phasewise, product")
     if spec.select.split != "dev":
         raise ConfigError("experiment key 'select.split': selection must use dev (test is only read for the selected point)")
     try:

@@ -105,7 +105,7 @@ class Runner:
                         alive.remove(name)
                         self.selected[name] = None
                         self.total -= len(seeds) * sum(len(points(plan.grid, c)) for _, c in plan.stages[stage:])
-                        self.echo(f"{name}: no successful run in stage {stage} ({plan.stages[stage - 1][0]}); "
+                        self.echo(f"{name}: no successful {plan.stages[stage - 1][0]} run on every seed; "
                                   "later phases are skipped")
                         continue
                     parents = {r.spec.seed: r.spec for r in best}
@@ -152,7 +152,7 @@ class Runner:
             return
         old = _flat(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
         new = _flat(OmegaConf.to_container(cfg, resolve=True))
-        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        diff = sorted(k for k in set(old) & set(new) if old[k] != new[k])   # keys new to the schema are not a change
         if diff:
             self.echo(f"warning: {s.run_dir} was started with a different config ({', '.join(diff[:5])}); "
                       "its existing state is used: delete it or use another out= to redo it")
@@ -171,23 +171,24 @@ class Runner:
 
     # ---- test evaluation of the selected runs only -----------------------------------------
     def evaluate_selected(self) -> None:
+        """One job per launcher slot, each evaluating a share of the selected runs in one process."""
         if "test" not in self.spec.report:
             return
-        jobs, owner = [], {}
-        for name, sel in self.selected.items():
-            for rec in sel or []:
-                d = Path(rec.spec.run_dir)
-                if _fresh_scores(d, "test"):
-                    continue
-                job = Job(str(d), [sys.executable, "-m", "ragtune.exp_eval", str(d), "test"], str(d / "eval_log.txt"))
-                jobs.append(job)
-                owner[job.key] = name
+        todo = [(name, Path(rec.spec.run_dir)) for name, sel in self.selected.items() for rec in sel or []
+                if not _fresh_scores(Path(rec.spec.run_dir), "test")]
+        width = max(1, min(len(todo), getattr(self.launcher, "width", 1)))
+        groups = [todo[i::width] for i in range(width)] if todo else []
+        logs = self.out / "logs"
+        jobs = [Job(f"test-eval-{i}", [sys.executable, "-m", "ragtune.exp_eval", "test", *(str(d) for _, d in g)],
+                    str(logs / f"test-eval-{i}.txt")) for i, g in enumerate(groups)]
+        by_key = {j.key: g for j, g in zip(jobs, groups)}
 
         def on_done(job: Job, rc: int, secs: float) -> None:
-            name = owner[job.key]
-            if rc != 0 or not _fresh_scores(Path(job.key), "test"):
-                self.test_errors[name] = f"test evaluation of {job.key} failed (exit {rc}): {log_tail(Path(job.log))}"
-            self.echo(f"[test] {name:<12} {job.key}: {'failed' if rc else 'ok'}  {secs:.1f}s")
+            for name, d in by_key[job.key]:
+                ok = _fresh_scores(d, "test")
+                if not ok:
+                    self.test_errors[name] = f"test evaluation of {d} failed (exit {rc}): {log_tail(Path(job.log))}"
+                self.echo(f"[test] {name:<12} {d.name}: {'ok' if ok else 'failed'}  ({secs:.1f}s for {len(by_key[job.key])})")
 
         self.launcher.run(jobs, on_done)
 
@@ -233,6 +234,7 @@ class Runner:
             lrs = dict(sel[0].spec.lrs) if sel else {}
             rows.append(summarize(name, lrs, runs, [r.cost() for r in recs], len(recs), len(failed), list(sp.report),
                                   sp.bootstrap.samples, sp.bootstrap.seed, status, reason))
+            rows[-1]["search"] = plan.describe()
             selected[name] = {"status": status, "lrs": lrs, "runs": [r["dir"] for r in runs],
                               "chain": [_chain(r, self.records) for r in sel or []],
                               f"dev_{self.metric}": rows[-1].get(f"dev_{self.metric}_mean")}

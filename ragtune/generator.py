@@ -148,8 +148,10 @@ class Generator(nn.Module):
             cut = row.index(self.eos_id) + 1 if self.eos_id in row else len(row)
             n_new.append(max(cut, 1))
             texts.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
-        flops = generate_flops(self.shape(), [L] * n, n_new)
-        self.ledger.charge("generator", "generate", tokens=n * L + sum(n_new), real_tokens=int(attn.sum()) + sum(n_new),
+        # every row runs as many decoding steps as the longest one (finished rows keep computing)
+        steps = max(new.shape[1], 1)
+        flops = generate_flops(self.shape(), [L] * n, [steps] * n)
+        self.ledger.charge("generator", "generate", tokens=n * (L + steps), real_tokens=int(attn.sum()) + sum(n_new),
                            flops=flops, seconds=time.perf_counter() - t0)
         return texts
 

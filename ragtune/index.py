@@ -40,6 +40,9 @@ class DenseIndex:
             scores, rows = sims.topk(k, dim=-1)
             return scores.to(q.device), rows.to(q.device)
         scores, rows = self._faiss.search(q.cpu().numpy(), k)
+        if (rows < 0).any():  # faiss pads with -1 when the search reaches fewer than k passages
+            raise RuntimeError(f"index.backend={self.cfg.backend} found fewer than k={k} passages for some "
+                               f"queries; raise index.ivf_nprobe / use a smaller k or index.backend=exact")
         return torch.from_numpy(scores).to(q.device), torch.from_numpy(rows).long().to(q.device)
 
     def lookup(self, rows: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Launchers: execute a batch of independent jobs (each a `ragtune` subprocess) and report exits.
+"""Launchers: execute a batch of separate jobs (each a `ragtune` subprocess) and report exits.
 
 What: a `Job` is a command line plus its log file. `LocalLauncher` runs jobs one after the other
 on CPU, or one per visible GPU in parallel (CUDA_VISIBLE_DEVICES set per subprocess).
@@ -123,6 +123,9 @@ class RayLauncher:
         ray.init(**kw)
         gpus = opts.gpus_per_run if opts.gpus_per_run >= 0 else (1.0 if visible_gpus() else 0.0)
         self.task = ray.remote(num_cpus=opts.cpus_per_run, num_gpus=gpus)(_ray_job)
+        res = ray.cluster_resources()
+        self.width = max(1, int(min(res.get("CPU", 1) / max(opts.cpus_per_run, 1e-9),
+                                    res.get("GPU", 0) / gpus if gpus else float("inf"))))
 
     def run(self, jobs: List[Job], on_done: OnDone) -> None:
         refs = {self.task.remote(j): j for j in jobs}

@@ -73,20 +73,21 @@ def _is_metric(key: str, value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and key != "n" and "/" not in key
 
 
-def sort_rows(rows: List[dict], metric: str) -> List[dict]:
-    """Best first on test (else dev) `metric`, direction from ragtune.metrics; rows without it last."""
+def sort_rows(rows: List[dict], metric: str, splits: Sequence[str] = ("test", "dev")) -> List[dict]:
+    """Best first on the first of `splits` a row has for `metric` (direction from ragtune.metrics);
+    rows without it last. Stable, so ties keep their order."""
     higher = get_metric(metric).higher_is_better
 
     def key(r):
-        for split in ("test", "dev"):
-            v = _num(r.get(f"{split}_{metric}_mean"))
+        for split in splits:
+            v = num(r.get(f"{split}_{metric}_mean"))
             if v is not None:
                 return (0, -v if higher else v)
         return (1, 0.0)
     return sorted(rows, key=key)
 
 
-def _num(v) -> Optional[float]:
+def num(v) -> Optional[float]:
     try:
         f = float(v)
     except (TypeError, ValueError):
@@ -103,10 +104,10 @@ def write_csv(path: Path, rows: Sequence[dict]) -> None:
         w = csv.DictWriter(f, fieldnames=columns(rows))
         w.writeheader()
         for r in rows:
-            w.writerow({k: _cell(v) for k, v in r.items()})
+            w.writerow({k: cell(v) for k, v in r.items()})
 
 
-def _cell(v):
+def cell(v):
     if isinstance(v, float):
         return "" if math.isnan(v) else repr(v)
     return v
@@ -119,16 +120,16 @@ def read_csv(path: Path) -> List[dict]:
 
 def fmt_score(r: dict, split: str, metric: str) -> str:
     """'12.5 ± 1.2 [10.1, 15.0]' in percent: mean ± std over seeds [bootstrap CI over questions]."""
-    m = _num(r.get(f"{split}_{metric}_mean"))
+    m = num(r.get(f"{split}_{metric}_mean"))
     if m is None:
         return "–"
-    s, lo, hi = (_num(r.get(f"{split}_{metric}_{x}")) for x in ("std", "ci_lo", "ci_hi"))
+    s, lo, hi = (num(r.get(f"{split}_{metric}_{x}")) for x in ("std", "ci_lo", "ci_hi"))
     out = f"{100 * m:.1f}" + (f" ± {100 * s:.1f}" if s is not None else "")
     return out + (f" [{100 * lo:.1f}, {100 * hi:.1f}]" if lo is not None and hi is not None else "")
 
 
-def fmt_num(v, spec: str = ".3g") -> str:
-    f = _num(v)
+def fmtnum(v, spec: str = ".3g") -> str:
+    f = num(v)
     return "–" if f is None else format(f, spec)
 
 
@@ -143,10 +144,10 @@ def markdown_table(rows: Sequence[dict], splits: Sequence[str]) -> str:
         cells = [str(r.get("label") or r["strategy"]) + ("" if r.get("status", "ok") == "ok" else f" ({r['status']})"),
                  r.get("lrs") or "–"]
         cells += [fmt_score(r, s, m) for s in reversed(splits) for m in CI_METRICS]
-        cells += [fmt_num(100 * (_num(r.get(k)) or 0), ".1f") if _num(r.get(k)) is not None else "–" for k in recall]
-        peak = max(_num(r.get("peak_cpu_mb")) or 0, _num(r.get("peak_gpu_mb")) or 0)
-        cells += [fmt_num(r.get("flops_total_train")), fmt_num(r.get("grid_flops_total_train")),
-                  fmt_num(r.get("wall_s"), ".1f"), fmt_num(r.get("device_hours"), ".2g"), fmt_num(peak, ".0f"),
+        cells += [fmtnum(100 * (num(r.get(k)) or 0), ".1f") if num(r.get(k)) is not None else "–" for k in recall]
+        peak = max(num(r.get("peak_cpu_mb")) or 0, num(r.get("peak_gpu_mb")) or 0)
+        cells += [fmtnum(r.get("flops_total_train")), fmtnum(r.get("grid_flops_total_train")),
+                  fmtnum(r.get("wall_s"), ".1f"), fmtnum(r.get("device_hours"), ".2g"), fmtnum(peak, ".0f"),
                   f"{r.get('n_runs', '–')} ({r.get('n_failed', '–')})"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -156,8 +157,8 @@ def flops_table(rows: Sequence[dict]) -> str:
     kinds = list(FLOP_KINDS)
     lines = ["| strategy | " + " | ".join(kinds) + " | grid total_train | device |", "|" + "---|" * (len(kinds) + 3)]
     for r in rows:
-        lines.append(f"| {r.get('label') or r['strategy']} | " + " | ".join(fmt_num(r.get(f"flops_{k}")) for k in kinds)
-                     + f" | {fmt_num(r.get('grid_flops_total_train'))} | {r.get('device') or '–'} |")
+        lines.append(f"| {r.get('label') or r['strategy']} | " + " | ".join(fmtnum(r.get(f"flops_{k}")) for k in kinds)
+                     + f" | {fmtnum(r.get('grid_flops_total_train'))} | {r.get('device') or '–'} |")
     return "\n".join(lines)
 
 
@@ -184,6 +185,9 @@ def write_leaderboard(out: Path, rows: List[dict], name: str, splits: Sequence[s
           "excluded) of the selected run, including the phase-1 run it started from; grid FLOPs sum every run "
           "of the search once, failed runs included when they recorded a cost.", "",
           markdown_table(rows, splits), "", "## Training FLOPs of the selected run by kind", "", flops_table(rows)]
+    if any(r.get("search") for r in rows):
+        md += ["", "## Search per strategy", ""] + [f"- {r['strategy']}: {r['search']}, {r['n_runs']} runs "
+                                                    f"({r['n_failed']} failed or diverged)" for r in rows if r.get("search")]
     if failed:
         md += ["", "## Strategies without a result", ""] + [f"- {r['strategy']}: {r['status']}: {r.get('reason', '')}"
                                                              for r in failed]

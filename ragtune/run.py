@@ -105,8 +105,11 @@ def seed_everything(seed: int, threads: int) -> None:
 
 def _accelerator(precision: str):
     from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
 
-    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+    # phases freeze different components, so some parameters get no gradient in a given step
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
 
 
 def train(cfg) -> Dict[str, object]:
@@ -128,6 +131,9 @@ def train(cfg) -> Dict[str, object]:
         trainer.fit()
     except Diverged as e:
         result.update(status="diverged", reason=str(e), dev=None, test=None)
+    if not acc.is_main_process:  # the main process evaluates and writes the results
+        acc.wait_for_everyone()
+        return {**result, "secondary_process": True}
     if result["status"] == "ok":
         final = {"weights": _final_weights(m, trainer.components), "index": m.index.state_dict() if m.index.version > 1 else None}
         torch.save(final, run_dir / "final.pt")
@@ -135,6 +141,7 @@ def train(cfg) -> Dict[str, object]:
     result["steps"] = trainer.step
     result["cost"] = ledger.totals()
     write_result(run_dir, result)
+    acc.wait_for_everyone()
     return result
 
 

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ragtune.checkpoint import Checkpointer
+from ragtune.config import ConfigError
 from ragtune.evaluate import evaluate
 from ragtune.sampler import BatchSampler
 from ragtune.strategy import Phase
@@ -49,7 +50,7 @@ def phase_plan(phases: List[Phase], total: int, only: str = "") -> List[tuple]:
     if only:
         names = [p.name for p in phases]
         if only not in names:
-            raise ValueError(f"config key 'train.only_phase': '{only}' is not a phase of this strategy ({', '.join(names)})")
+            raise ConfigError(f"config key 'train.only_phase': '{only}' is not a phase of this strategy ({', '.join(names)})")
         plan = [(p, n) for p, n in plan if p.name == only]
     return plan
 
@@ -101,6 +102,7 @@ class Trainer:
             start_phase, phase_step = state["phase_idx"], state["phase_step"]
             self.step = state["step"]
             self.ckpt.restore(state, self.m, self.sampler)
+        if self.acc.is_main_process:  # also drops the lines of an attempt killed before its first checkpoint
             self._truncate_metrics(self.step)
         if self.tc.tensorboard and self.acc.is_main_process:
             from torch.utils.tensorboard import SummaryWriter
@@ -115,9 +117,8 @@ class Trainer:
                 continue
             self._run_phase(pi, phase, n_steps, phase_step if pi == start_phase else 0, opt, sched)
             phase_step = 0
-            if self.m.doc_trained:
-                self._refresh()
             self.m.doc_trained = False
+        self._sync_ledger()
         if self.tb:
             self.tb.close()
 
@@ -131,7 +132,11 @@ class Trainer:
             logs = self._train_step(opt, sched, phase)
             self.step += 1
             bar.update(1)
-            if self.m.doc_trained and self.cfg.index.refresh_every and self.step % self.cfg.index.refresh_every == 0:
+            last = ps == n_steps - 1
+            # the phase-end refresh happens before the phase-end checkpoint, so a run resumed from
+            # that checkpoint does not skip it (and keeps the refreshed index)
+            if self.m.doc_trained and (last or (self.cfg.index.refresh_every
+                                                and self.step % self.cfg.index.refresh_every == 0)):
                 self._refresh()
             if self.step % max(1, self.tc.log_every) == 0 or ps == n_steps - 1:
                 logs.update({"step": self.step, "phase": phase.name})
@@ -140,10 +145,12 @@ class Trainer:
                 bar.set_postfix(loss=f"{logs['loss']:.3f}")
             if self.tc.eval_every and self.step % self.tc.eval_every == 0:
                 self._eval_dev(phase)
-            last = ps == n_steps - 1
             if (self.tc.save_every and self.step % self.tc.save_every == 0) or last:
-                self.ckpt.save(self.m, self.sampler, opt, sched, step=self.step,
-                               phase_idx=pi + 1 if last else pi, phase_step=0 if last else ps + 1)
+                self._sync_ledger()
+                if self.acc.is_main_process:
+                    self.ckpt.save(self.m, self.sampler, opt, sched, step=self.step,
+                                   phase_idx=pi + 1 if last else pi, phase_step=0 if last else ps + 1)
+                self.acc.wait_for_everyone()
             if self.tc.stop_after and self.step >= self.tc.stop_after:
                 raise KeyboardInterrupt(f"train.stop_after={self.tc.stop_after} reached")
         bar.close()
@@ -173,6 +180,24 @@ class Trainer:
         self.m.ledger.sample_memory()
         totals["grad_norm"] = float(norm)
         return totals
+
+    def _sync_ledger(self) -> None:
+        """Several processes: fold every rank's charges into the main rank's ledger, then reset the
+        others, so the main ledger (the one checkpointed and reported) always holds the total."""
+        if self.acc.num_processes == 1:
+            return
+        from accelerate.utils import gather_object
+
+        from ragtune.cost import Ledger
+
+        states = gather_object([self.m.ledger.state_dict()])
+        if self.acc.is_main_process:
+            for st in states[1:]:
+                other = Ledger()
+                other.load_state_dict(st)
+                self.m.ledger.merge(other)
+        else:
+            self.m.ledger.load_state_dict(Ledger(self.m.ledger.device_name).state_dict())
 
     def _refresh(self):
         with self.m.ledger.wall("index"):

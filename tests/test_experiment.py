@@ -1,0 +1,194 @@
+"""Experiment runner logic with faked runs: grid expansion, phase-wise search, selection, failures,
+resume and cost accounting (no training; see test_experiment_real.py for real subprocesses)."""
+import csv
+import json
+import os
+
+import pytest
+
+from ragtune.cli import main as cli_main
+from ragtune.config import ConfigError
+from ragtune.exp_grid import make_plan, select, stage_runs
+from ragtune.exp_spec import load_experiment, strategy_names
+from ragtune.experiment import run_experiment
+from ragtune.strategies import REGISTRY
+from test_experiment_fakes import RUN_FLOPS, FakeLauncher, write_experiment
+
+
+def _plans(tmp_path):
+    spec = load_experiment(str(write_experiment(tmp_path)))
+    return spec, {n: make_plan(spec, n) for n in REGISTRY}
+
+
+def _two_component(plans):
+    """A registered single-phase strategy that trains two components at once."""
+    found = [n for n, p in plans.items() if not p.phasewise and len(p.stages) == 1 and len(p.stages[0][1]) == 2]
+    assert found, "no registered strategy trains two components in one phase"
+    return found[0]
+
+
+def _phased(plans):
+    found = [n for n, p in plans.items() if p.phasewise and all(len(c) == 1 for _, c in p.stages)]
+    assert found, "no registered multi-phase strategy with one component per phase"
+    return found[0]
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_strategies_all_is_the_registry(tmp_path):
+    spec = load_experiment(str(write_experiment(tmp_path)))
+    assert strategy_names(spec) == list(REGISTRY)
+    spec = load_experiment(str(write_experiment(tmp_path)), [f"strategies=[{list(REGISTRY)[0]}]"])
+    assert strategy_names(spec) == [list(REGISTRY)[0]]
+
+
+def test_two_component_strategy_gets_2d_product(tmp_path):
+    spec, plans = _plans(tmp_path)
+    plan = plans[_two_component(plans)]
+    assert plan.stages[0][0] == "all" and set(plan.stages[0][1]) == {"query_encoder", "generator"}
+    runs = stage_runs(plan, 0, [0, 1], tmp_path)
+    assert len(runs) == 2 * 2 * 2 and plan.n_runs(2) == 8
+    assert len({r.run_dir for r in runs}) == 8
+    assert {r.lrs for r in runs} == {(("generator", g), ("query_encoder", q)) for g in (1e-3, 3e-3) for q in (1e-5, 3e-5)}
+    assert all("eval.splits=[dev]" in r.overrides and not any("only_phase" in o for o in r.overrides) for r in runs)
+
+
+def test_no_trainable_component_is_one_run(tmp_path):
+    spec, plans = _plans(tmp_path)
+    empty = [n for n, p in plans.items() if not p.grid]
+    for n in empty:
+        assert plans[n].n_runs(3) == 3
+
+
+def test_search_product_forces_full_product(tmp_path):
+    spec, plans = _plans(tmp_path)
+    name = _phased(plans)
+    spec = load_experiment(str(write_experiment(tmp_path, search="product")))
+    plan = make_plan(spec, name)
+    assert not plan.phasewise and plan.stages == [("all", sorted(plan.grid))] and plan.n_runs(1) == 4
+
+
+def test_phasewise_search_starts_phase_2_from_best_phase_1(tmp_path):
+    spec, plans = _plans(tmp_path)
+    name = _phased(plans)
+    (p1, (c1,)), (p2, (c2,)) = plans[name].stages
+    path = write_experiment(tmp_path, strategies=[name], seeds=[0, 1])
+    fake = FakeLauncher()
+    assert run_experiment(load_experiment(str(path)), launcher=fake, echo=lambda s: None) == 0
+    assert len(fake.launched) == (2 + 2) * 2 + 1            # 1-D per phase, per seed; + one test-eval job
+    runs = _rows(tmp_path / "out" / "runs.csv")
+    first = [r for r in runs if r["phase"] == p1]
+    second = [r for r in runs if r["phase"] == p2]
+    assert len(first) == 4 and len(second) == 4
+    best1 = max(first, key=lambda r: float(r[f"lr_{c1}"]))     # the fake score prefers the larger lr
+    for r in second:
+        assert float(r[f"lr_{c1}"]) == float(best1[f"lr_{c1}"])
+        parent = next(x for x in first if x["run_dir"] == r["parent"])
+        assert parent["seed"] == r["seed"] and parent[f"lr_{c1}"] == best1[f"lr_{c1}"]
+        res = json.loads(open(os.path.join(r["run_dir"], "result.json")).read())
+        assert res["overrides"]["train.init_from"] == r["parent"]
+        assert res["overrides"]["train.only_phase"] == p2
+    sel = json.loads((tmp_path / "out" / "selected.json").read_text())["strategies"][name]
+    assert sel["lrs"] == {c1: 3e-3 if c1 == "generator" else 3e-5, c2: 3e-3 if c2 == "generator" else 3e-5}
+    assert all(len(chain) == 2 for chain in sel["chain"])
+    row = _rows(tmp_path / "out" / "leaderboard.csv")[0]
+    # selected cost = phase-2 run + its phase-1 parent; grid cost = every run once
+    assert int(float(row["flops_total_train"])) == 2 * RUN_FLOPS["total_train"]
+    assert int(float(row["flops_train"])) == 2 * RUN_FLOPS["train"]
+    assert int(row["grid_flops_total_train"]) == 8 * RUN_FLOPS["total_train"]
+    assert row["n_runs"] == "8" and row["n_failed"] == "0" and row["n_seeds"] == "2"
+
+
+def test_selection_uses_metric_direction_and_seed_mean():
+    from ragtune.exp_grid import RunSpec
+
+    a = [RunSpec("s", 0, "all", (("generator", g),), seed, f"d{g}{seed}", ()) for g in (1, 2) for seed in (0, 1)]
+    score = {"d10": 0.5, "d11": 0.1, "d20": 0.4, "d21": 0.4}      # means: g=1 -> 0.3, g=2 -> 0.4
+    assert select(a, score, True)[0].lrs == (("generator", 2),)
+    assert select(a, score, False)[0].lrs == (("generator", 1),)
+    score["d21"] = None                                             # a failed seed drops its point
+    assert select(a, score, True)[0].lrs == (("generator", 1),)
+
+
+def test_diverged_and_crashed_runs_are_recorded_and_grid_goes_on(tmp_path):
+    spec, plans = _plans(tmp_path)
+    name = _two_component(plans)
+    path = write_experiment(tmp_path, strategies=[name],
+                            grids={"default": {"query_encoder": [1e-5, 3e-5], "generator": [1e-3, 1e6]}})
+    fake = FakeLauncher(crash=lambda ov: ov["train.lr.query_encoder"] == "3e-05" and ov["train.lr.generator"] == "0.001")
+    assert run_experiment(load_experiment(str(path)), launcher=fake, echo=lambda s: None) == 0
+    runs = {(r["lr_generator"], r["lr_query_encoder"]): r for r in _rows(tmp_path / "out" / "runs.csv")}
+    assert runs[("1000000.0", "1e-05")]["status"] == "diverged" and "non-finite" in runs[("1000000.0", "1e-05")]["reason"]
+    crashed = runs[("0.001", "3e-05")]
+    assert crashed["status"] == "failed" and "RuntimeError: boom" in crashed["reason"] and "exit code 1" in crashed["reason"]
+    row = _rows(tmp_path / "out" / "leaderboard.csv")[0]
+    assert row["status"] == "ok" and row["lrs"] == "generator=0.001 query_encoder=1e-05"
+    assert row["n_runs"] == "4" and row["n_failed"] == "3"
+    # diverged runs have a cost and count in the grid; the crash recorded none
+    assert int(row["grid_flops_total_train"]) == 3 * RUN_FLOPS["total_train"]
+    # the crashed run never wrote result.json, so a re-run retries it (and only it)
+    fake2 = FakeLauncher()
+    assert run_experiment(load_experiment(str(path)), launcher=fake2, echo=lambda s: None) == 0
+    assert fake2.launched == [crashed["run_dir"], "test-eval-0"]    # retrain, then test eval (now selected)
+    assert _rows(tmp_path / "out" / "leaderboard.csv")[0]["lrs"] == "generator=0.001 query_encoder=3e-05"
+
+
+def test_stop_after_n_runs_then_resume_skips_finished(tmp_path):
+    path = write_experiment(tmp_path)
+    spec = load_experiment(str(path))
+    total = sum(make_plan(spec, n).n_runs(1) for n in REGISTRY)
+    first = FakeLauncher()
+    assert run_experiment(spec, launcher=first, limit=3, echo=lambda s: None) == 130
+    assert len(first.launched) == 3
+    assert not (tmp_path / "out" / "leaderboard.csv").exists()
+    assert len(_rows(tmp_path / "out" / "runs.csv")) >= 3
+    mtimes = {d: os.stat(os.path.join(d, "result.json")).st_mtime_ns for d in first.launched}
+    second = FakeLauncher()
+    lines = []
+    assert run_experiment(load_experiment(str(path)), launcher=second, echo=lines.append) == 0
+    assert len(second.launched) == (total - 3) + 1                  # the rest + one test-eval job
+    assert not set(first.launched) & set(second.launched[: total - 3])
+    assert sum("done before" in line for line in lines) == 3
+    assert all(os.stat(os.path.join(d, "result.json")).st_mtime_ns == t for d, t in mtimes.items())
+    board = _rows(tmp_path / "out" / "leaderboard.csv")
+    assert sorted(r["strategy"] for r in board) == sorted(REGISTRY) and all(r["status"] == "ok" for r in board)
+    assert len(_rows(tmp_path / "out" / "runs.csv")) == total
+    # a third run launches nothing at all
+    third = FakeLauncher()
+    assert run_experiment(load_experiment(str(path)), launcher=third, echo=lambda s: None) == 0 and third.launched == []
+
+
+def test_unknown_key_is_exit_2_naming_the_key(tmp_path, capsys):
+    path = write_experiment(tmp_path)
+    assert cli_main(["experiment", str(path), "grdis.default.generator=[1]"]) == 2
+    assert "grdis" in capsys.readouterr().err
+    bad = write_experiment(tmp_path, selct={"metric": "em"})
+    assert cli_main(["experiment", str(bad)]) == 2
+    assert "selct" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="grids.default.bogus"):
+        load_experiment(str(write_experiment(tmp_path, grids={"default": {"bogus": [1.0]}})))
+    with pytest.raises(ConfigError, match="strategies"):
+        load_experiment(str(write_experiment(tmp_path, strategies=["no_such_strategy"])))
+
+
+def test_bad_run_override_fails_before_any_run(tmp_path, capsys):
+    path = write_experiment(tmp_path, overrides=["train.stepz=3"])
+    fake = FakeLauncher()
+    with pytest.raises(ConfigError, match="stepz"):
+        run_experiment(load_experiment(str(path)), launcher=fake, echo=lambda s: None)
+    assert fake.launched == []
+
+
+def test_progress_line_per_run(tmp_path):
+    spec, plans = _plans(tmp_path)
+    name = _two_component(plans)
+    lines = []
+    run_experiment(load_experiment(str(write_experiment(tmp_path, strategies=[name]))), launcher=FakeLauncher(),
+                   echo=lines.append)
+    prog = [l for l in lines if l.startswith("[") and "/4]" in l]
+    assert len(prog) == 4 and all(name in l and "ok" in l and "dev em" in l and "generator=" in l for l in prog)
+    md = (tmp_path / "out" / "leaderboard.md").read_text()
+    assert "squad_v1.1" in md and "fake device" in md and "dev em" in md
