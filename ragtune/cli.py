@@ -42,8 +42,9 @@ def cmd_train(args: List[str]) -> int:
     except (ValueError, RuntimeError, OSError) as e:
         from ragtune.config import ConfigError
         from ragtune.data import DataError
+        from ragtune.modelzoo import ModelLoadError
 
-        if isinstance(e, (ConfigError, DataError)):
+        if isinstance(e, (ConfigError, DataError, ModelLoadError)):
             raise
         result = failed_result(cfg, e)
         print(result["traceback"], file=sys.stderr)

@@ -142,7 +142,15 @@ class Runner:
             self.records[job.key] = rec
             self._progress(rec, secs)
 
-        self.launcher.run(jobs, on_done)
+        try:
+            self.launcher.run(jobs, on_done)
+        except KeyboardInterrupt:
+            for key, s in by_key.items():
+                rec = read_record(s)
+                if not rec.finished and (Path(key) / "log.txt").exists():
+                    rec = RunRecord(s, "interrupted", "stopped before result.json; a re-run resumes it", None)
+                self.records[key] = rec
+            raise
         if stop:
             raise _Stop()
 

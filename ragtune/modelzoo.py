@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterable, List
 
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: F401
 from transformers import (AutoModel, AutoModelForCausalLM, AutoTokenizer, BertConfig, BertModel,
                           LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast)
 
@@ -35,14 +35,34 @@ def texts_fingerprint(texts: Iterable[str]) -> str:
 
 
 def train_wordpiece(texts: List[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """BERT-style uncased WordPiece tokenizer trained on `texts` (deterministic)."""
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    """BERT-style uncased WordPiece tokenizer built from `texts`, deterministically.
+
+    The `tokenizers` WordPiece trainer breaks frequency ties in hash order, so two trainings on
+    the same texts differ; here the vocabulary is specials + every character (alone and as a
+    `##` continuation) + the most frequent words (ties broken alphabetically) up to vocab_size.
+    Rare words fall back to character pieces, never to [UNK].
+    """
+    from collections import Counter
+
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special,
-                                                             show_progress=False))
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    norm = normalizers.BertNormalizer(lowercase=True)
+    pre = pre_tokenizers.BertPreTokenizer()
+    counts: Counter = Counter()
+    for t in texts:
+        counts.update(w for w, _ in pre.pre_tokenize_str(norm.normalize_str(t)))
+    chars = sorted({c for w in counts for c in w})
+    vocab = special + chars + ["##" + c for c in chars]
+    seen = set(vocab)
+    for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(vocab) >= vocab_size:
+            break
+        if w not in seen:
+            vocab.append(w)
+            seen.add(w)
+    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer = norm
+    tok.pre_tokenizer = pre
+    cls, sep = vocab.index("[CLS]"), vocab.index("[SEP]")
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
                                                        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
     tok.decoder = decoders.WordPiece()

@@ -116,7 +116,10 @@ def train(cfg) -> Dict[str, object]:
     """Run (or resume, or skip if finished) the run described by cfg; returns result.json's content."""
     run_dir = Path(cfg.run_dir)
     if (run_dir / "result.json").exists():
-        return json.loads((run_dir / "result.json").read_text())
+        done = json.loads((run_dir / "result.json").read_text())
+        if done.get("status") != "failed":
+            return done  # finished (ok, or diverged: deterministic, re-running would diverge again)
+        (run_dir / "result.json").unlink()  # a crash may be transient: retry, resuming from the checkpoint
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     seed_everything(cfg.train.seed, cfg.train.threads)
@@ -188,7 +191,7 @@ def eval_run(run_dir: Path) -> Dict[str, object]:
     from ragtune.config import load_config
 
     run_dir = Path(run_dir)
-    cfg = load_config([str(run_dir / "config.yaml")], [f"run_dir={run_dir}", "train.init_from="])
+    cfg = load_config([str(run_dir / "config.yaml")], [f"run_dir={run_dir}", "train.init_from=''"])
     seed_everything(cfg.train.seed, cfg.train.threads)
     ledger = Ledger(device_name("cuda" if torch.cuda.is_available() else "cpu"))
     data = load_data(cfg.data)

@@ -104,12 +104,10 @@ def assert_same_tensors(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) 
 
 @pytest.fixture
 def pinned_tokenizers(monkeypatch):
-    """Train each retriever WordPiece tokenizer once per test and reuse it.
+    """Build each retriever WordPiece tokenizer once per test and reuse the same object.
 
-    `modelzoo.train_wordpiece` is not deterministic (tokenizers' WordPiece trainer breaks ties
-    in hash-map order), so two pipelines built from the same config get different vocabularies.
-    Tests of trainer/checkpoint logic pin the tokenizer so they test that logic alone; the bug
-    itself is tested (xfail) in test_pipeline.py::test_retriever_tokenizer_is_deterministic.
+    `modelzoo.train_wordpiece` is deterministic (tested in test_pipeline.py); pinning keeps the
+    trainer/checkpoint tests independent of it and saves the rebuild time.
     """
     real = modelzoo.train_wordpiece
 

@@ -33,10 +33,6 @@ def test_bad_config_exit_2_names_key(tmp_path, capsys, override, key):
     assert not (tmp_path / "run" / "result.json").exists()  # a config error is not a failed run
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="BUG cli.cmd_train catches RuntimeError around run.train, and ModelLoadError is a "
-                          "RuntimeError: a missing model path becomes a failed run (exit 1, result.json written) "
-                          "instead of a configuration error (exit 2)")
 @pytest.mark.parametrize("key", ["generator.model", "retriever.model"])
 def test_missing_model_path_exit_2(tmp_path, capsys, key):
     assert _train(tmp_path / "run", f"{key}=/nonexistent/model") == 2
@@ -110,9 +106,6 @@ def test_train_interrupt_exit_130_then_resume(tmp_path, capsys, pinned_tokenizer
     assert load_json(tmp_path / "result.json")["steps"] == 2
 
 
-@pytest.mark.xfail(strict=True, raises=Exception,
-                   reason="BUG run.eval_run passes the override 'train.init_from=' which OmegaConf reads as "
-                          "None for a str field, so `ragtune eval` always fails with a ConfigError (exit 2)")
 def test_eval_reproduces_train_scores(tmp_path, capsys, pinned_tokenizers):
     assert _train(tmp_path, "strategy.name=joint", "train.steps=2") == 0
     result = load_json(tmp_path / "result.json")

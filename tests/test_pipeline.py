@@ -336,9 +336,6 @@ def test_retrieve_scores_and_gradients(built):
         _trainable(m)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="BUG modelzoo.train_wordpiece: tokenizers' WordPiece trainer breaks ties in "
-                          "hash-map order, so the tiny retriever's vocabulary differs from build to build")
 def test_retriever_tokenizer_is_deterministic(built):
     _, data, m, _ = built
     texts = [data.corpus.passage_text(p) for p in data.corpus] + [q.question for q in data.train]

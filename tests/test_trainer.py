@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -113,24 +112,23 @@ def test_sampler_micro_batches_are_the_big_batch():
 
 
 def test_grad_accum_equivalence(tmp_path):
+    """One step of 4 x 2 accumulated micro-batches = one step of a batch of 8 (joint: a batch-mean loss)."""
     common = ["strategy.name=joint", "train.steps=1", "train.clip_norm=0", "train.schedule=constant",
               "train.warmup_steps=0", "train.log_every=1"]
-
-    def one_step(sub, bs, accum, m=None, data=None, init=None):
-        cfg = tiny_cfg(tmp_path / sub, *common, f"train.batch_size={bs}", f"train.grad_accum={accum}")
-        if m is None:
-            data, m, _ = build(cfg)
-        else:
-            m.load_state_dict(init)
-        init = {k: v.clone() for k, v in m.state_dict().items()}
-        make_trainer(cfg, data, m).fit()
-        return m, data, init, snapshot(m), step_lines(tmp_path / sub / "metrics.jsonl")[-1]
-
-    m, data, init, big, log_big = one_step("big", 8, 1)
-    _, _, _, acc, log_acc = one_step("acc", 4, 2, m, data, init)
-    _, _, _, half, _ = one_step("half", 4, 1, m, data, init)
-    m.load_state_dict(init)
+    cfg = tiny_cfg(tmp_path / "big", *common, "train.batch_size=8", "train.grad_accum=1")
+    data, m, _ = build(cfg)
+    init = {k: v.clone() for k, v in m.state_dict().items()}
     before = snapshot(m)
+
+    def one_step(sub, bs, accum):
+        cfg = tiny_cfg(tmp_path / sub, *common, f"train.batch_size={bs}", f"train.grad_accum={accum}")
+        m.load_state_dict(init)  # the same pipeline (and tokenizer) from the same weights every time
+        make_trainer(cfg, data, m).fit()
+        return snapshot(m), step_lines(tmp_path / sub / "metrics.jsonl")[-1]
+
+    big, log_big = one_step("big", 8, 1)
+    acc, log_acc = one_step("acc", 4, 2)
+    half, _ = one_step("half", 4, 1)
     moved = 0.0
     for comp in ("query_encoder", "generator"):
         tol = {"query_encoder": 1e-6, "generator": 1e-5}[comp]
