@@ -50,13 +50,14 @@ class DataConfig:
 
 
 @dataclass
-class TinyEncoder:
+class TinyModel:
+    """Size of a tiny random-init transformer built from config (tests, CPU default)."""
     hidden: int = 64
     layers: int = 2
     heads: int = 2
     intermediate: int = 128
     vocab_size: int = 2000
-    max_position: int = 128
+    max_position: int = 256
 
 
 @dataclass
@@ -68,7 +69,7 @@ class RetrieverConfig:
     temperature: float = 0.05
     max_query_length: int = 32
     max_passage_length: int = 64
-    tiny: TinyEncoder = field(default_factory=TinyEncoder)
+    tiny: TinyModel = field(default_factory=TinyModel)
 
 
 @dataclass
@@ -92,16 +93,6 @@ class LoraConfig:
 
 
 @dataclass
-class TinyDecoder:
-    hidden: int = 64
-    layers: int = 2
-    heads: int = 2
-    intermediate: int = 128
-    vocab_size: int = 2000
-    max_position: int = 256
-
-
-@dataclass
 class PretrainConfig:
     """LM pre-training of a tiny generator on the corpus text (a stand-in for a pretrained LLM)."""
     steps: int = 0                   # 0 = no pre-training
@@ -119,7 +110,7 @@ class GeneratorConfig:
     max_answer_length: int = 16
     max_new_tokens: int = 12
     lora: LoraConfig = field(default_factory=LoraConfig)
-    tiny: TinyDecoder = field(default_factory=TinyDecoder)
+    tiny: TinyModel = field(default_factory=TinyModel)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 

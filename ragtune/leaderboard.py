@@ -186,8 +186,8 @@ def write_leaderboard(out: Path, rows: List[dict], name: str, splits: Sequence[s
           "of the search once, failed runs included when they recorded a cost.", "",
           markdown_table(rows, splits), "", "## Training FLOPs of the selected run by kind", "", flops_table(rows)]
     if any(r.get("search") for r in rows):
-        md += ["", "## Search per strategy", ""] + [f"- {r['strategy']}: {r['search']}, {r['n_runs']} runs "
-                                                    f"({r['n_failed']} failed or diverged)" for r in rows if r.get("search")]
+        md += ["", "## Search per strategy", ""] + [f"- {r['strategy']}: {r['search']}; runs: {r['n_runs']}, "
+                                                    f"failed or diverged: {r['n_failed']}" for r in rows if r.get("search")]
     if failed:
         md += ["", "## Strategies without a result", ""] + [f"- {r['strategy']}: {r['status']}: {r.get('reason', '')}"
                                                              for r in failed]

@@ -94,5 +94,13 @@ class RAGPipeline(nn.Module):
         ids = [[self.corpus[r].id for r in row] for row in rows.tolist()]
         return Retrieval(rows=rows, scores=scores, texts=texts, ids=ids)
 
+    def retrieve_and_read(self, batch: Sequence[Question], k: int):
+        """Top-k retrieval + the answer's per-token log-probs under each passage.
+        Returns (Retrieval, tok_lp (B, K, T), mask (B, T)); the first answer is the target."""
+        questions = [q.question for q in batch]
+        ret = self.retrieve(questions, k)
+        tok_lp, mask = self.generator.answer_logprobs(questions, ret.texts, [q.answers[0] for q in batch])
+        return ret, tok_lp, mask
+
     def rows_of(self, ids: Sequence[str]) -> List[int]:
         return [self.corpus.row(i) for i in ids]

@@ -48,9 +48,7 @@ class Joint(Strategy):
 
     def loss(self, batch, m, step):
         o = self.opts
-        questions = [q.question for q in batch]
-        ret = m.retrieve(questions, self.cfg.train.k)                                   # scores (B, K)
-        tok_lp, mask = m.generator.answer_logprobs(questions, ret.texts, [q.answers[0] for q in batch])
+        ret, tok_lp, mask = m.retrieve_and_read(batch, self.cfg.train.k)  # scores (B, K), (B, K, T)
         if o.retriever_loss == "marginal":
             return marginal_nll(o.marginal, ret.scores, tok_lp, mask, o.reduction), ret.logs()
         gen = losses.nll_given_passages(tok_lp, mask, reduction=o.reduction)

@@ -45,7 +45,5 @@ class TwoPhase(Strategy):
                 Phase("retriever", frozenset({"query_encoder"}), 1 - f)]
 
     def loss(self, batch, m, step):
-        questions = [q.question for q in batch]
-        ret = m.retrieve(questions, self.cfg.train.k)                                   # scores (B, K)
-        tok_lp, mask = m.generator.answer_logprobs(questions, ret.texts, [q.answers[0] for q in batch])
+        ret, tok_lp, mask = m.retrieve_and_read(batch, self.cfg.train.k)  # scores (B, K), (B, K, T)
         return marginal_nll(self.opts.marginal, ret.scores, tok_lp, mask, self.opts.reduction), ret.logs()
