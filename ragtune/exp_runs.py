@@ -1,9 +1,10 @@
 """What happened to each run of an experiment, read back from its run directory.
 
 What: a `RunRecord` (status, reason, scores, cost) per grid run, and the cost arithmetic the
-leaderboard needs. Only result.json marks a run finished: a run killed before writing it is
+leaderboard needs. Only a result.json marks a run finished: a run killed before writing it is
 recorded as failed with the tail of its log as the reason, and the next `ragtune experiment`
-re-launches it (which resumes from its checkpoint). Why flat costs: a phase-2 run's cost must
+re-launches it (which resumes from its checkpoint). A result.json with status "failed" (a crash
+the core caught) is retried the same way, as `ragtune train` itself does; "diverged" is final. Why flat costs: a phase-2 run's cost must
 include its phase-1 parent (sum FLOPs per kind, wall seconds, device-hours; max peak memory),
 which is easiest on one flat dict per run.
 """
@@ -31,7 +32,8 @@ class RunRecord:
 
     @property
     def finished(self) -> bool:
-        return self.result is not None
+        """ok or diverged (deterministic: it would diverge again); a failed run is retried like the core does."""
+        return self.result is not None and self.status != "failed"
 
     def score(self, split: str, metric: str) -> Optional[float]:
         s = (self.result or {}).get(split) if self.status == "ok" else None

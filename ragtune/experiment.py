@@ -5,9 +5,9 @@ What: expands each strategy's learning-rate grid (ragtune.exp_grid), runs every 
 strategy on dev, evaluates only the selected runs on test, and writes OUT/experiment.yaml,
 runs.csv, leaderboard.csv, leaderboard.md and selected.json. Runs go in stages so phase-wise
 searches can start phase 2 from the best phase-1 run; within a stage all strategies' runs go
-to the launcher together. Re-running skips finished runs (result.json) and re-launches the
-others, which resume from their checkpoints. A crashed or diverged run is recorded with its
-reason and the grid goes on.
+to the launcher together. Re-running skips finished runs (a result.json that is ok or diverged)
+and re-launches the others (killed, or failed), which resume from their checkpoints. A crashed
+or diverged run is recorded with its reason and the grid goes on.
 """
 from __future__ import annotations
 
@@ -147,7 +147,7 @@ class Runner:
         except KeyboardInterrupt:
             for key, s in by_key.items():
                 rec = read_record(s)
-                if not rec.finished and (Path(key) / "log.txt").exists():
+                if rec.result is None and (Path(key) / "log.txt").exists():
                     rec = RunRecord(s, "interrupted", "stopped before result.json; a re-run resumes it", None)
                 self.records[key] = rec
             raise

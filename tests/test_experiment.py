@@ -120,23 +120,25 @@ def test_diverged_and_crashed_runs_are_recorded_and_grid_goes_on(tmp_path):
     spec, plans = _plans(tmp_path)
     name = _two_component(plans)
     path = write_experiment(tmp_path, strategies=[name],
-                            grids={"default": {"query_encoder": [1e-5, 3e-5], "generator": [1e-3, 1e6]}})
-    fake = FakeLauncher(crash=lambda ov: ov["train.lr.query_encoder"] == "3e-05" and ov["train.lr.generator"] == "0.001")
+                            grids={"default": {"query_encoder": [1e-5, 3e-5], "generator": [1e-3, 2e-3, 1e6]}})
+    how = {("0.001", "3e-05"): "kill", ("0.002", "1e-05"): "error"}      # killed: no result.json; error: status failed
+    fake = FakeLauncher(crash=lambda ov: how.get((ov["train.lr.generator"], ov["train.lr.query_encoder"])))
     assert run_experiment(load_experiment(str(path)), launcher=fake, echo=lambda s: None) == 0
     runs = {(r["lr_generator"], r["lr_query_encoder"]): r for r in _rows(tmp_path / "out" / "runs.csv")}
     assert runs[("1000000.0", "1e-05")]["status"] == "diverged" and "non-finite" in runs[("1000000.0", "1e-05")]["reason"]
-    crashed = runs[("0.001", "3e-05")]
-    assert crashed["status"] == "failed" and "RuntimeError: boom" in crashed["reason"] and "exit code 1" in crashed["reason"]
+    killed, errored = runs[("0.001", "3e-05")], runs[("0.002", "1e-05")]
+    assert killed["status"] == "failed" and "RuntimeError: boom" in killed["reason"] and "exit code 1" in killed["reason"]
+    assert errored["status"] == "failed" and "RuntimeError: boom" in errored["reason"]
     row = _rows(tmp_path / "out" / "leaderboard.csv")[0]
-    assert row["status"] == "ok" and row["lrs"] == "generator=0.001 query_encoder=1e-05"
-    assert row["n_runs"] == "4" and row["n_failed"] == "3"
-    # diverged runs have a cost and count in the grid; the crash recorded none
-    assert int(row["grid_flops_total_train"]) == 3 * RUN_FLOPS["total_train"]
-    # the crashed run never wrote result.json, so a re-run retries it (and only it)
+    assert row["status"] == "ok" and row["lrs"] == "generator=0.002 query_encoder=3e-05"
+    assert row["n_runs"] == "6" and row["n_failed"] == "4"
+    # diverged and errored runs have a cost and count in the grid; the killed one recorded none
+    assert int(row["grid_flops_total_train"]) == 5 * RUN_FLOPS["total_train"]
+    # failed runs are retried by a re-run (they resume from their checkpoints); diverged ones are final
     fake2 = FakeLauncher()
     assert run_experiment(load_experiment(str(path)), launcher=fake2, echo=lambda s: None) == 0
-    assert fake2.launched == [crashed["run_dir"], "test-eval-0"]    # retrain, then test eval (now selected)
-    assert _rows(tmp_path / "out" / "leaderboard.csv")[0]["lrs"] == "generator=0.001 query_encoder=3e-05"
+    assert fake2.launched == [killed["run_dir"], errored["run_dir"]]
+    assert _rows(tmp_path / "out" / "leaderboard.csv")[0]["n_failed"] == "2"
 
 
 def test_stop_after_n_runs_then_resume_skips_finished(tmp_path):

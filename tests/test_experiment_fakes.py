@@ -38,7 +38,8 @@ def _overrides(cmd):
 
 
 class FakeLauncher:
-    def __init__(self, score=default_score, crash=lambda ov: False):
+    def __init__(self, score=default_score, crash=lambda ov: None):
+        """crash(overrides) -> None, "kill" (no result.json, like SIGKILL) or "error" (status failed)."""
         self.score, self.crash = score, crash
         self.launched = []          # job keys in launch order
 
@@ -58,13 +59,18 @@ class FakeLauncher:
         d.mkdir(parents=True, exist_ok=True)
         lrs = {k.split(".")[-1]: float(v) for k, v in ov.items() if k.startswith("train.lr.")}
         seed = int(ov.get("train.seed", 0))
-        if self.crash(ov):
+        crash = self.crash(ov)
+        if crash == "kill" or crash is True:       # died without result.json
             Path(job.log).write_text("loading\nTraceback (most recent call last):\nRuntimeError: boom\n")
             return 1
         cost = {"flops": dict(RUN_FLOPS), "wall_seconds": {"total": 2.0}, "device_hours": 0.001,
                 "peak_memory_bytes": {"cpu": 2**20, "gpu": 0}, "device": "fake device"}
         res = {"strategy": ov["strategy.name"], "status": "ok", "reason": "", "lr": lrs, "seed": seed,
                "run_dir": str(d), "test": None, "cost": cost, "overrides": ov}
+        if crash == "error":                        # the core caught an exception: result.json says failed
+            res.update(status="failed", reason="RuntimeError: boom", dev=None)
+            (d / "result.json").write_text(json.dumps(res))
+            return 1
         if any(v >= 1e5 for v in lrs.values()):
             res.update(status="diverged", reason="non-finite loss (nan) at step 1", dev=None)
             (d / "result.json").write_text(json.dumps(res))
