@@ -130,13 +130,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    from transformers.utils import logging as hf_logging
-
     from ragtune.config import ConfigError
     from ragtune.data import DataError
     from ragtune.modelzoo import ModelLoadError
 
-    hf_logging.disable_progress_bar()
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no weight-loading progress bars
 
     try:
         return COMMANDS[argv[0]](argv[1:])

@@ -138,7 +138,9 @@ def train(cfg) -> Dict[str, object]:
         acc.wait_for_everyone()
         return {**result, "secondary_process": True}
     if result["status"] == "ok":
-        final = {"weights": _final_weights(m, trainer.components), "index": m.index.state_dict() if m.index.version > 1 else None}
+        # the index travels with the weights, so a run continuing from this one (train.init_from)
+        # does not re-embed (and re-pay for) a corpus this run already embedded
+        final = {"weights": _final_weights(m, trainer.components), "index": m.index.state_dict()}
         torch.save(final, run_dir / "final.pt")
         result.update(evaluate_splits(cfg, m, data, run_dir))
     result["steps"] = trainer.step
