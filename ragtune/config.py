@@ -138,7 +138,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     threads: int = 0                 # torch threads on CPU (0 = leave as is)
-    precision: str = "no"            # no | bf16 | fp16 (accelerate mixed precision)
+    precision: str = "no"            # no | bf16 (accelerate mixed precision; fp16 is refused)
     tensorboard: bool = False
     progress: bool = True
     only_phase: str = ""             # run only this phase of a phased strategy
@@ -172,10 +172,12 @@ _CHOICES = {
     "retriever.pooling": ("mean", "cls"),
     "index.backend": ("exact", "faiss_flat", "faiss_hnsw", "faiss_ivf"),
     "train.schedule": ("constant", "linear", "cosine"),
-    "train.precision": ("no", "bf16", "fp16"),
+    "train.precision": ("no", "bf16"),  # fp16 needs loss scaling, which the loop does not do
 }
 _POSITIVE = ("train.steps", "train.batch_size", "train.grad_accum", "train.k",
-             "retriever.temperature", "eval.batch_size")
+             "retriever.temperature", "eval.batch_size", "generator.max_prompt_length",
+             "generator.max_answer_length", "generator.max_new_tokens", "retriever.max_query_length",
+             "retriever.max_passage_length")
 
 
 def _wrap(err: Exception, where: str = "") -> ConfigError:

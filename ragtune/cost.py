@@ -735,9 +735,11 @@ class Ledger:
             self._device_seconds = float(d["device_seconds"])
             self._peak = {k: int(d["peak_memory_bytes"].get(k, 0)) for k in ("cpu", "gpu")}
 
-    def merge(self, other: "Ledger") -> "Ledger":
+    def merge(self, other: "Ledger", concurrent: bool = False) -> "Ledger":
         """Add ``other`` into this ledger (counts, seconds and device-seconds
         add; peak memory is the max; differing device names are joined).
+        ``concurrent``: ``other`` ran at the same time (another rank of the
+        same run), so its wall-clock is not added, only its device-seconds.
         Returns ``self``."""
         if other is self:
             other = other.copy()
@@ -748,8 +750,8 @@ class Ledger:
                     _Acc(flops, tokens, real_tokens, calls, seconds)
                 )
             for k, v in o["wall_seconds"].items():
-                self._wall[k] = self._wall.get(k, 0.0) + v
-            self._wall_total += o["wall_total"]
+                self._wall[k] = max(self._wall.get(k, 0.0), v) if concurrent else self._wall.get(k, 0.0) + v
+            self._wall_total = max(self._wall_total, o["wall_total"]) if concurrent else self._wall_total + o["wall_total"]
             self._device_seconds += o["device_seconds"]
             for k in ("cpu", "gpu"):
                 self._peak[k] = max(self._peak[k], o["peak_memory_bytes"][k])

@@ -66,7 +66,7 @@ def retrieved_ids(m, questions: Sequence[Question], k: int, batch_size: int) -> 
 def evaluate(m, questions: Sequence[Question], k: int, recall_ks: Sequence[int], batch_size: int,
              oracle: bool = False) -> Dict[str, object]:
     """Scores and per-question predictions on `questions` with the strategy's (or core) predictor."""
-    was_training = m.training
+    modes = [(mod, mod.training) for mod in m.modules()]
     m.eval()
     preds: List[dict] = []
     with m.ledger.evaluating():
@@ -76,7 +76,8 @@ def evaluate(m, questions: Sequence[Question], k: int, recall_ks: Sequence[int],
             preds += out if out is not None else core_predict(m, batch, k, oracle)
         kmax = min(max(list(recall_ks) + [k]), len(m.corpus))
         single = retrieved_ids(m, questions, kmax, batch_size)
-    m.train(was_training)
+    for mod, mode in modes:
+        mod.training = mode
     return score(questions, preds, single, recall_ks)
 
 

@@ -81,7 +81,9 @@ def flat_cost(cost: Optional[dict]) -> Optional[dict]:
     fl = cost.get("flops", {})
     out = {f"flops_{k}": int(fl.get(k, 0)) for k in FLOP_KINDS}
     peak = cost.get("peak_memory_bytes", {})
-    out.update(wall_s=float(cost.get("wall_seconds", {}).get("total", 0.0)),
+    walls = cost.get("wall_seconds", {})
+    # training wall-clock: evaluation is reported apart, like its FLOPs
+    out.update(wall_s=float(walls.get("total", 0.0)) - float(walls.get("eval", 0.0)),
                device_hours=float(cost.get("device_hours", 0.0)),
                peak_cpu_bytes=int(peak.get("cpu", 0)), peak_gpu_bytes=int(peak.get("gpu", 0)),
                device=str(cost.get("device", "")))

@@ -92,7 +92,7 @@ class Generator(nn.Module):
 
     def _backbone(self, input_ids, attn):
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        return base.model(input_ids=input_ids, attention_mask=attn).last_hidden_state
+        return base.get_decoder()(input_ids=input_ids, attention_mask=attn).last_hidden_state
 
     def _lm_head(self) -> nn.Module:
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model

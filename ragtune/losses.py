@@ -208,7 +208,7 @@ def nll_given_passages(
     lp = seq_logprob(tok_lp, mask, reduction)  # (B, K)
     if weights is None:
         weights = torch.full_like(lp, 1.0 / lp.shape[1])  # (B, K)
-    weights = weights.to(lp.dtype).expand_as(lp)  # (B, K)
+    weights = weights.to(lp).expand_as(lp)  # (B, K)
     # Zero-weight passages must not contribute even when lp = -inf there.
     contrib = torch.where(weights != 0, weights * lp, torch.zeros((), dtype=lp.dtype, device=lp.device))
     return -contrib.sum(-1).mean()  # scalar

@@ -64,11 +64,23 @@ class RAGPipeline(nn.Module):
 
     # ---- retrieval ----------------------------------------------------------------------------
     def refresh_index(self, batch_size: int = 256) -> None:
-        """Re-embed the whole corpus with the passage tower (charged as `index`)."""
+        """Re-embed the whole corpus with the passage tower in eval mode (charged as `index`)."""
+        tower = self.retriever.doc_encoder
+        was_training = tower.training
+        tower.eval()  # no dropout in stored embeddings
         with torch.no_grad():
             embs = [self.retriever.encode_passages(self.passage_texts[i:i + batch_size], kind="index")
                     for i in range(0, len(self.passage_texts), batch_size)]
+        tower.train(was_training)
         self.index.build(torch.cat(embs))
+
+    def set_modes(self, trains) -> None:
+        """Train mode (dropout) only for the components being trained; frozen ones act as at inference."""
+        self.eval()
+        modules = {"query_encoder": self.retriever.query_encoder, "doc_encoder": self.retriever.doc_encoder,
+                   "generator": self.generator, "strategy": self.strategy}
+        for comp in trains:
+            modules[comp].train()
 
     def encode_questions(self, questions: Sequence[str]) -> torch.Tensor:
         return self.retriever.encode_queries(list(questions))  # (B, H)

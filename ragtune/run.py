@@ -66,8 +66,10 @@ def build_pipeline(cfg, data: RAGData, ledger: Ledger) -> RAGPipeline:
     opts = strategy_options(cfg, cls.Options)
     if cfg.train.k > len(data.corpus):
         raise ConfigError(f"config key 'train.k': {cfg.train.k} is larger than the corpus ({len(data.corpus)} passages)")
-    if cls.needs_labels and not any(q.gold_passage_ids for q in data.train):
-        raise ConfigError(f"config key 'strategy.name': '{cls.name}' needs gold_passage_ids in the training data")
+    unlabeled = [q.id for q in data.train if not q.gold_passage_ids]
+    if cls.needs_labels and unlabeled:
+        raise ConfigError(f"config key 'strategy.name': '{cls.name}' needs gold_passage_ids on every training "
+                          f"question; {len(unlabeled)} have none (e.g. {unlabeled[0]!r})")
     texts = [data.corpus.passage_text(p) for p in data.corpus] + [q.question for q in data.train]
     seed = cfg.train.seed
     retriever = build_retriever(cfg.retriever, texts, ledger, seed)
@@ -82,7 +84,8 @@ def build_pipeline(cfg, data: RAGData, ledger: Ledger) -> RAGPipeline:
             raise ConfigError(f"config key 'train.init_from': no final.pt in {cfg.train.init_from}")
         load_final(m, src)
     else:
-        m.refresh_index(cfg.index.batch_size)
+        with ledger.wall("index"):
+            m.refresh_index(cfg.index.batch_size)
     return m
 
 
@@ -130,6 +133,10 @@ def train(cfg) -> Dict[str, object]:
     result: Dict[str, object] = {"strategy": cfg.strategy.name, "status": "ok", "reason": "",
                                  "lr": dict(cfg.train.lr), "seed": cfg.train.seed, "run_dir": str(run_dir)}
     trainer = Trainer(cfg, m, data.train, data.dev, run_dir, acc)
+    if cfg.train.init_from:  # continue the data order where the parent run stopped
+        parent = torch.load(Path(cfg.train.init_from) / "final.pt", map_location="cpu", weights_only=False)
+        if parent.get("sampler"):
+            trainer.sampler.load_state_dict(parent["sampler"])
     try:
         trainer.fit()
     except Diverged as e:
@@ -140,7 +147,8 @@ def train(cfg) -> Dict[str, object]:
     if result["status"] == "ok":
         # the index travels with the weights, so a run continuing from this one (train.init_from)
         # does not re-embed (and re-pay for) a corpus this run already embedded
-        final = {"weights": _final_weights(m, trainer.components), "index": m.index.state_dict()}
+        final = {"weights": _final_weights(m, trainer.components), "index": m.index.state_dict(),
+                 "sampler": trainer.sampler.state_dict()}
         torch.save(final, run_dir / "final.pt")
         result.update(evaluate_splits(cfg, m, data, run_dir))
     result["steps"] = trainer.step

@@ -102,6 +102,10 @@ class Trainer:
             start_phase, phase_step = state["phase_idx"], state["phase_step"]
             self.step = state["step"]
             self.ckpt.restore(state, self.m, self.sampler)
+            if not self.acc.is_main_process:  # the checkpointed ledger is the merged total: count it once
+                from ragtune.cost import Ledger
+
+                self.m.ledger.load_state_dict(Ledger(self.m.ledger.device_name).state_dict())
         if self.acc.is_main_process:  # also drops the lines of an attempt killed before its first checkpoint
             self._truncate_metrics(self.step)
         if self.tc.tensorboard and self.acc.is_main_process:
@@ -127,7 +131,7 @@ class Trainer:
 
         bar = tqdm(total=n_steps, initial=first, desc=f"{self.m.strategy.name}:{phase.name}",
                    disable=not (self.tc.progress and self.acc.is_main_process), leave=False)
-        self.model.train()
+        self.m.set_modes(phase.trains)
         for ps in range(first, n_steps):
             logs = self._train_step(opt, sched, phase)
             self.step += 1
@@ -195,7 +199,7 @@ class Trainer:
             for st in states[1:]:
                 other = Ledger()
                 other.load_state_dict(st)
-                self.m.ledger.merge(other)
+                self.m.ledger.merge(other, concurrent=True)
         else:
             self.m.ledger.load_state_dict(Ledger(self.m.ledger.device_name).state_dict())
 
@@ -209,7 +213,7 @@ class Trainer:
             res = evaluate(self.m, self.dev_qs, ec.k or self.tc.k, list(ec.recall_k), ec.batch_size)
         self._log({"step": self.step, "phase": phase.name,
                    **{f"dev/{k}": v for k, v in res.items() if isinstance(v, (int, float))}})
-        self.model.train()
+        self.m.set_modes(phase.trains)
 
     def _log(self, row: Dict[str, object]) -> None:
         if not self.acc.is_main_process:

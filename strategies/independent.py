@@ -65,24 +65,28 @@ class Independent(Strategy):
             texts, weights = gold_contexts(batch, ret, m, k)
         tok_lp, mask = m.generator.answer_logprobs(questions, texts, [q.answers[0] for q in batch])  # (B, K, T)
         loss = losses.nll_given_passages(tok_lp, mask, weights, self.opts.reduction)
-        return loss, {"answer_tokens": float(mask.sum())}
+        return loss, {"answer_tokens": float(mask.sum()), **ret.logs()}
 
     def _retriever_loss(self, batch, m):
         pairs = [(b, pid) for b, q in enumerate(batch) for pid in q.gold_passage_ids]
-        owners = torch.tensor([b for b, _ in pairs])                               # (P,)
-        gold_rows = torch.tensor(m.rows_of([pid for _, pid in pairs]))             # (P,)
+        if not pairs:
+            raise ValueError("a batch without gold passage ids reached the retriever phase")
         q = m.encode_questions([batch[b].question for b, _ in pairs])             # (P, H)
+        dev = q.device
+        owners = torch.tensor([b for b, _ in pairs], device=dev)                  # (P,)
+        gold_rows = torch.tensor(m.rows_of([pid for _, pid in pairs]), device=dev)  # (P,)
         uniq, pos = gold_rows.unique(return_inverse=True)                         # (N,), (P,)
         d = passage_embeddings(m, uniq)                                           # (N, H)
         # a candidate is not a negative for pair p if it is a gold passage of p's own question
         gold_sets = [set(m.rows_of(batch[b].gold_passage_ids)) for b in owners.tolist()]
-        mask_out = torch.tensor([[r in g for r in uniq.tolist()] for g in gold_sets])  # (P, N)
+        mask_out = torch.tensor([[r in g for r in uniq.tolist()] for g in gold_sets], device=dev)  # (P, N)
         hard = None
         if self.opts.hard_negatives:
             hard_rows = mine_negatives(m, q, gold_sets, self.opts.hard_negatives)  # (P, M)
             hard = passage_embeddings(m, hard_rows.reshape(-1)).view(*hard_rows.shape, -1)  # (P, M, H)
         loss = losses.contrastive_loss(q, d, pos, m.retriever.temperature, hard_negatives=hard, mask_out=mask_out)
-        return loss, {"pairs": float(len(pairs))}
+        logits = q.detach() @ d.detach().T / m.retriever.temperature                # (P, N)
+        return loss, {"pairs": float(len(pairs)), "retrieval_entropy": float(losses.retrieval_entropy(logits).mean())}
 
 
 def passage_embeddings(m, rows: torch.Tensor) -> torch.Tensor:
@@ -97,7 +101,7 @@ def mine_negatives(m, q: torch.Tensor, gold_sets, n: int) -> torch.Tensor:
     """Top-ranked non-gold rows per query: (P, n)."""
     _, rows = m.index.search(q, min(len(m.index), n + max(len(g) for g in gold_sets)))
     out = [[r for r in row if r not in g][:n] for row, g in zip(rows.tolist(), gold_sets)]
-    return torch.tensor(out)
+    return torch.tensor(out, device=q.device)
 
 
 def gold_contexts(batch, ret, m, k):
