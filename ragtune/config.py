@@ -99,6 +99,7 @@ class PretrainConfig:
     lr: float = 3e-3
     batch_size: int = 32
     seed: int = 0
+    grouped: bool = False            # pack passages sorted by text (so by title: an entity's facts share a block)
 
 
 @dataclass

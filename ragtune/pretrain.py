@@ -49,6 +49,8 @@ def lm_pretrain(model, tok, texts: List[str], pcfg, block: int = 64) -> List[flo
     rng = random.Random(pcfg.seed)
     order = list(range(len(texts)))
     rng.shuffle(order)
+    if pcfg.grouped:  # "title. text": sorting groups an entity's passages, so its name recurs in a block
+        order = sorted(order, key=lambda i: texts[i])
     for i in order:
         ids += tok(texts[i], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     data = torch.tensor(ids[: len(ids) // block * block]).view(-1, block)  # (N_blocks, block)
