@@ -1,7 +1,7 @@
 """`ragtune` command line.
 
   ragtune train CONFIG.yaml... [key=value...]    train + evaluate one run (run_dir=DIR picks the folder)
-  ragtune eval RUN_DIR                           re-evaluate a finished run: predictions.jsonl + scores.json
+  ragtune eval RUN_DIR [key=value...]            re-evaluate a finished run: predictions.jsonl + scores.json
   ragtune list                                   strategies, what they train, whether they need labels
   ragtune data synth --out DIR [--seed N] ...    write the synthetic benchmark
   ragtune data check FILE...                     validate corpus/question files, report every bad row
@@ -73,10 +73,10 @@ def _print_result(result: dict) -> None:
 def cmd_eval(args: List[str]) -> int:
     from ragtune.run import eval_run
 
-    if len(args) != 1:
-        print("usage: ragtune eval RUN_DIR", file=sys.stderr)
+    if not args or "=" in args[0] or any("=" not in a for a in args[1:]):
+        print("usage: ragtune eval RUN_DIR [key=value...]", file=sys.stderr)
         return 2
-    scores = eval_run(args[0])
+    scores = eval_run(args[0], args[1:])
     for split, s in scores.items():
         print(f"{split}: " + " ".join(f"{k} {v:.4f}" for k, v in s.items() if isinstance(v, float)))
     return 0

@@ -12,7 +12,7 @@ import random
 import time
 import traceback
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -196,12 +196,13 @@ def failed_result(cfg, err: BaseException) -> Dict[str, object]:
     return result
 
 
-def eval_run(run_dir: Path) -> Dict[str, object]:
-    """Re-evaluate a finished run from its config.yaml and final.pt (`ragtune eval RUN_DIR`)."""
+def eval_run(run_dir: Path, overrides: Sequence[str] = ()) -> Dict[str, object]:
+    """Re-evaluate a finished run from its config.yaml and final.pt (`ragtune eval RUN_DIR [k=v...]`,
+    e.g. `eval.splits=[test]` or `eval.oracle=true`)."""
     from ragtune.config import load_config
 
     run_dir = Path(run_dir)
-    cfg = load_config([str(run_dir / "config.yaml")], [f"run_dir={run_dir}", "train.init_from=''"])
+    cfg = load_config([str(run_dir / "config.yaml")], [f"run_dir={run_dir}", "train.init_from=''", *overrides])
     seed_everything(cfg.train.seed, cfg.train.threads)
     ledger = Ledger(device_name("cuda" if torch.cuda.is_available() else "cpu"))
     data = load_data(cfg.data)

@@ -127,3 +127,13 @@ def test_subprocess_bad_config_exit_2(tmp_path):
                           timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "'train.stepz'" in proc.stderr
+
+
+def test_eval_overrides_select_splits_and_bad_key_exit_2(tmp_path, capsys, pinned_tokenizers):
+    assert _train(tmp_path, "strategy.name=joint", "train.steps=2") == 0
+    result = load_json(tmp_path / "result.json")
+    assert cli.main(["eval", str(tmp_path), "eval.splits=[test]"]) == 0
+    scores = load_json(tmp_path / "scores.json")
+    assert list(scores) == ["test"] and scores["test"] == result["test"]
+    assert cli.main(["eval", str(tmp_path), "eval.nope=1"]) == 2
+    assert "'eval.nope'" in capsys.readouterr().err
