@@ -167,7 +167,9 @@ class Trainer:
                 batch = [self.train_qs[i] for i in self.sampler.next()]
                 with self.acc.autocast():
                     loss, logs = self.model(batch, self.step)
-                if not torch.isfinite(loss.detach()):
+                # several processes: a NaN on one rank reaches every rank through the gradient
+                # all-reduce and is caught by the norm check below on all of them at once
+                if self.acc.num_processes == 1 and not torch.isfinite(loss.detach()):
                     raise Diverged(f"non-finite loss ({loss.item()}) at step {self.step + 1}")
                 self.acc.backward(loss / accum)
                 logs = {"loss": loss.item(), **logs}
@@ -208,6 +210,8 @@ class Trainer:
             self.m.refresh_index(self.cfg.index.batch_size)
 
     def _eval_dev(self, phase):
+        if not self.acc.is_main_process:  # one evaluation per run, not one per rank
+            return
         ec = self.cfg.eval
         with self.m.ledger.wall("eval"):
             res = evaluate(self.m, self.dev_qs, ec.k or self.tc.k, list(ec.recall_k), ec.batch_size)
