@@ -13,7 +13,6 @@ Exit codes: 0 ok, 1 failed run or bad data, 2 bad configuration, 3 diverged run,
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import List, Optional

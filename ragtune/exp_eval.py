@@ -9,32 +9,15 @@ interpreter start-up per run.
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Dict, List
 
 
 def eval_splits(run_dir: str, splits: List[str]) -> Dict[str, object]:
-    import torch
+    from ragtune.run import eval_run
 
-    from ragtune.config import ConfigError, load_config
-    from ragtune.cost import Ledger, device_name
-    from ragtune.run import build_pipeline, evaluate_splits, load_data, load_final, seed_everything
-
-    d = Path(run_dir)
-    if not (d / "final.pt").exists():
-        raise ConfigError(f"{d}: no final.pt (the run did not finish successfully)")
-    cfg = load_config([str(d / "config.yaml")],
-                      [f"run_dir={d}", "train.init_from=''", f"eval.splits=[{','.join(splits)}]"])
-    seed_everything(cfg.train.seed, cfg.train.threads)
-    ledger = Ledger(device_name("cuda" if torch.cuda.is_available() else "cpu"))
-    data = load_data(cfg.data)
-    m = build_pipeline(cfg, data, ledger)
-    load_final(m, d / "final.pt")
-    scores = evaluate_splits(cfg, m, data, d)
-    (d / "scores.json").write_text(json.dumps(scores, indent=2))
-    return scores
+    return eval_run(Path(run_dir), [f"eval.splits=[{','.join(splits)}]"])
 
 
 def main(argv: List[str]) -> int:

@@ -102,8 +102,9 @@ class RAGPipeline(nn.Module):
 
     def make_retrieval(self, q: torch.Tensor, rows: torch.Tensor) -> Retrieval:
         scores = self.score_rows(q, rows)
-        texts = [[self.passage_texts[r] for r in row] for row in rows.tolist()]
-        ids = [[self.corpus[r].id for r in row] for row in rows.tolist()]
+        rows_list = rows.tolist()
+        texts = [[self.passage_texts[r] for r in row] for row in rows_list]
+        ids = [[self.corpus[r].id for r in row] for row in rows_list]
         return Retrieval(rows=rows, scores=scores, texts=texts, ids=ids)
 
     def retrieve_and_read(self, batch: Sequence[Question], k: int):

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import json
 import random
-import time
 import traceback
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
-from ragtune.checkpoint import load_weights, save_final_weights
-from ragtune.config import ConfigError, save_config, strategy_options, to_dict
+from ragtune.checkpoint import load_weights, trained_weights
+from ragtune.config import ConfigError, save_config, strategy_options
 from ragtune.cost import Ledger, device_name
 from ragtune.data import RAGData, load_passages, load_questions, load_hf, load_synth
 from ragtune.data.synth import SynthConfig
@@ -61,7 +59,18 @@ def load_data(dc) -> RAGData:
                    test=cut(data.test, dc.max_eval))
 
 
-def build_pipeline(cfg, data: RAGData, ledger: Ledger) -> RAGPipeline:
+def read_final(run_dir, key: str = "") -> dict:
+    """final.pt of a finished run: weights, index and data position (error names `key` if given)."""
+    src = Path(run_dir) / "final.pt"
+    if not src.exists():
+        where = f"config key '{key}': " if key else ""
+        raise ConfigError(f"{where}no final.pt in {run_dir} (the run did not finish successfully)")
+    return torch.load(src, map_location="cpu", weights_only=False)
+
+
+def build_pipeline(cfg, data: RAGData, ledger: Ledger, final: Optional[dict] = None) -> RAGPipeline:
+    """The pipeline of `cfg`; with `final` (or `train.init_from`) its trained weights and index are
+    loaded instead of embedding the corpus again."""
     cls = get_strategy(cfg.strategy.name)
     opts = strategy_options(cfg, cls.Options)
     if cfg.train.k > len(data.corpus):
@@ -78,24 +87,16 @@ def build_pipeline(cfg, data: RAGData, ledger: Ledger) -> RAGPipeline:
     torch.manual_seed(seed + 2)
     strategy = cls(opts, cfg)
     m = RAGPipeline(retriever, generator, DenseIndex(cfg.index), data.corpus, ledger, strategy)
-    if cfg.train.init_from:
-        src = Path(cfg.train.init_from) / "final.pt"
-        if not src.exists():
-            raise ConfigError(f"config key 'train.init_from': no final.pt in {cfg.train.init_from}")
-        load_final(m, src)
+    if final is None and cfg.train.init_from:
+        final = read_final(cfg.train.init_from, "train.init_from")
+    if final is not None:
+        load_weights(m, final["weights"])
+    if final is not None and final.get("index") is not None:
+        m.index.load_state_dict(final["index"])
     else:
         with ledger.wall("index"):
             m.refresh_index(cfg.index.batch_size)
     return m
-
-
-def load_final(m: RAGPipeline, path: Path) -> None:
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    load_weights(m, state["weights"])
-    if state["index"] is not None:
-        m.index.load_state_dict(state["index"])
-    else:
-        m.refresh_index()
 
 
 def seed_everything(seed: int, threads: int) -> None:
@@ -129,14 +130,13 @@ def train(cfg) -> Dict[str, object]:
     acc = _accelerator(cfg.train.precision)
     ledger = Ledger(device_name(acc.device))
     data = load_data(cfg.data)
-    m = build_pipeline(cfg, data, ledger).to(acc.device)
+    parent = read_final(cfg.train.init_from, "train.init_from") if cfg.train.init_from else None
+    m = build_pipeline(cfg, data, ledger, parent).to(acc.device)
     result: Dict[str, object] = {"strategy": cfg.strategy.name, "status": "ok", "reason": "",
                                  "lr": dict(cfg.train.lr), "seed": cfg.train.seed, "run_dir": str(run_dir)}
     trainer = Trainer(cfg, m, data.train, data.dev, run_dir, acc)
-    if cfg.train.init_from:  # continue the data order where the parent run stopped
-        parent = torch.load(Path(cfg.train.init_from) / "final.pt", map_location="cpu", weights_only=False)
-        if parent.get("sampler"):
-            trainer.sampler.load_state_dict(parent["sampler"])
+    if parent is not None and parent.get("sampler"):  # continue the data order where the parent stopped
+        trainer.sampler.load_state_dict(parent["sampler"])
     try:
         trainer.fit()
     except Diverged as e:
@@ -147,7 +147,7 @@ def train(cfg) -> Dict[str, object]:
     if result["status"] == "ok":
         # the index travels with the weights, so a run continuing from this one (train.init_from)
         # does not re-embed (and re-pay for) a corpus this run already embedded
-        final = {"weights": _final_weights(m, trainer.components), "index": m.index.state_dict(),
+        final = {"weights": trained_weights(m, trainer.components), "index": m.index.state_dict(),
                  "sampler": trainer.sampler.state_dict()}
         torch.save(final, run_dir / "final.pt")
         result.update(evaluate_splits(cfg, m, data, run_dir))
@@ -156,12 +156,6 @@ def train(cfg) -> Dict[str, object]:
     write_result(run_dir, result)
     acc.wait_for_everyone()
     return result
-
-
-def _final_weights(m, components):
-    from ragtune.checkpoint import trained_weights
-
-    return trained_weights(m, components)
 
 
 def evaluate_splits(cfg, m: RAGPipeline, data: RAGData, run_dir: Path) -> Dict[str, object]:
@@ -205,11 +199,9 @@ def eval_run(run_dir: Path, overrides: Sequence[str] = ()) -> Dict[str, object]:
     cfg = load_config([str(run_dir / "config.yaml")], [f"run_dir={run_dir}", "train.init_from=''", *overrides])
     seed_everything(cfg.train.seed, cfg.train.threads)
     ledger = Ledger(device_name("cuda" if torch.cuda.is_available() else "cpu"))
+    final = read_final(run_dir)
     data = load_data(cfg.data)
-    m = build_pipeline(cfg, data, ledger)
-    if not (run_dir / "final.pt").exists():
-        raise ConfigError(f"{run_dir}: no final.pt (the run did not finish successfully)")
-    load_final(m, run_dir / "final.pt")
+    m = build_pipeline(cfg, data, ledger, final)
     scores = evaluate_splits(cfg, m, data, run_dir)
     (run_dir / "scores.json").write_text(json.dumps(scores, indent=2))
     return scores
