@@ -2,7 +2,8 @@
 #   make experiment STRATEGY=joint   one strategy of the default experiment on the embedded default
 #   make experiment                  every strategy
 #   make compare                     print the leaderboard
-#   make test                        the test suite (what CI runs)
+#   make test                        lint + the test suite (what CI runs)
+#   make lint / make format          ruff check + format check / apply fixes
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -14,7 +15,7 @@ EXPERIMENT ?= experiments/default.yaml
 OUT ?= results/default
 STRATEGY ?=
 
-.PHONY: install test test-fast experiment compare smoke bench clean
+.PHONY: install lint format test test-fast experiment compare smoke bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,7 +27,15 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: $(STAMP) lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider
 
 test-fast: $(STAMP)
@@ -43,6 +52,7 @@ smoke: $(STAMP)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_core.py
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_overhead.py
 
 clean:
 	rm -rf runs results .pytest_cache

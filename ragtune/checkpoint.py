@@ -1,10 +1,12 @@
 """Checkpoints for exact resume: weights, optimizer, scheduler, RNG, data position, index, ledger.
 
-Only components that can change are saved (everything with a trainable parameter in some
-phase, plus the strategy's own parts); the passage embeddings are saved once the index has been
-rebuilt by training. Files are written to a temporary name and renamed, so a kill during a save
-never leaves a torn checkpoint.
+Only components that can change are saved (everything trained in some phase, plus the
+strategy's non-derivable parts, frozen ones included: a hook may update them); the passage
+embeddings are saved once the index has been rebuilt by training. Files are written to a
+temporary name and renamed, so a kill during a save never leaves a torn checkpoint. Restoring is
+strict: a key missing from the checkpoint, or one the pipeline does not have, is an error.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,10 +17,16 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ragtune import rundir
+
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def set_rng_state(s: dict) -> None:
@@ -29,16 +37,32 @@ def set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-PREFIX = {"query_encoder": "retriever.query_encoder.", "doc_encoder": "retriever.doc_encoder.",
-          "generator": "generator.", "strategy": "strategy."}
+PREFIX = {
+    "query_encoder": "retriever.query_encoder.",
+    "doc_encoder": "retriever.doc_encoder.",
+    "generator": "generator.",
+}
 
 
-def trained_weights(m, components) -> dict:
-    """State of the components that can change (all of them when `components` is None)."""
-    prefixes = tuple(PREFIX[c] for c in (components if components is not None else PREFIX))
-    if m.retriever.shared and PREFIX["query_encoder"] in prefixes:
+def prefix(component: str) -> str:
+    """State-dict prefix of a component; a strategy part `p` lives at `strategy.p.`."""
+    return PREFIX.get(component, f"strategy.{component}.")
+
+
+def saved_components(strategy) -> list:
+    """Components whose weights can change in a run: trained ones and non-derivable parts."""
+    parts = [p.name for p in strategy.parts() if not p.derivable]
+    return sorted(set(strategy.trained_components()) | set(parts))
+
+
+def trained_weights(rag, components) -> dict:
+    """State of the given components (all built-in ones and parts when `components` is None)."""
+    if components is None:
+        components = list(PREFIX) + [p.name for p in rag.strategy.parts()]
+    prefixes = tuple(prefix(c) for c in components)
+    if rag.retriever.shared and PREFIX["query_encoder"] in prefixes:
         prefixes += (PREFIX["doc_encoder"],)
-    return {k: v.detach().clone() for k, v in m.state_dict().items() if k.startswith(prefixes)}
+    return {k: v.detach().clone() for k, v in rag.state_dict().items() if k.startswith(prefixes)}
 
 
 class Checkpointer:
@@ -48,18 +72,22 @@ class Checkpointer:
 
     @property
     def latest(self) -> Path:
-        return self.folder / "last.pt"
+        return self.folder / rundir.LAST_CHECKPOINT
 
-    def save(self, m, sampler, opt, sched, *, step: int, phase_idx: int, phase_step: int) -> None:
+    def save(self, rag, sampler, opt, sched, *, step: int, phase_idx: int, phase_step: int) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         state = {
-            "step": step, "phase_idx": phase_idx, "phase_step": phase_step,
-            "weights": trained_weights(m, self.components),
+            "step": step,
+            "phase_idx": phase_idx,
+            "phase_step": phase_step,
+            "weights": trained_weights(rag, self.components),
             "opt": opt.state_dict() if opt is not None else None,
             "sched": sched.state_dict() if sched is not None else None,
-            "rng": rng_state(), "sampler": sampler.state_dict(),
-            "index": m.index.state_dict() if m.index.version > 1 else None,
-            "ledger": m.ledger.state_dict(), "strategy_extra": m.strategy.extra_state(),
+            "rng": rng_state(),
+            "sampler": sampler.state_dict(),
+            "index": rag.index.state_dict() if rag.index.version > 1 else None,
+            "ledger": rag.ledger.state_dict(),
+            "strategy_extra": rag.strategy.extra_state(),
         }
         tmp = self.latest.with_suffix(".tmp")
         torch.save(state, tmp)
@@ -70,25 +98,23 @@ class Checkpointer:
             return None
         return torch.load(self.latest, map_location="cpu", weights_only=False)
 
-    def restore(self, state: dict, m, sampler) -> None:
-        m.load_state_dict(state["weights"], strict=False)
+    def restore(self, state: dict, rag, sampler) -> None:
+        expected = trained_weights(rag, self.components).keys()
+        missing = sorted(set(expected) - set(state["weights"]))
+        if missing:
+            raise ValueError(f"{self.latest}: checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
+        load_weights(rag, state["weights"], str(self.latest))
         if state["index"] is not None:
-            m.index.load_state_dict(state["index"])
-        m.ledger.load_state_dict(state["ledger"])
-        m.strategy.load_extra_state(state["strategy_extra"])
+            rag.index.load_state_dict(state["index"])
+        rag.ledger.load_state_dict(state["ledger"])
+        rag.strategy.load_extra_state(state["strategy_extra"])
         sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
 
 
-def save_final_weights(m, path: Path, components) -> None:
-    """Weights of the trained components, used by `train.init_from` and `ragtune eval`."""
-    torch.save(trained_weights(m, components), path)
-
-
-def load_weights(m, src) -> None:
-    """Load trained weights into `m` from a state dict or from a file written by save_final_weights."""
-    state = src if isinstance(src, dict) else torch.load(src, map_location="cpu")
-    missing, unexpected = m.load_state_dict(state, strict=False)
+def load_weights(rag, state: dict, where: str = "weights") -> None:
+    """Load a subset of the pipeline's weights (the trained components of a run); any key it does not
+    have is an error (a renamed or missing module never loads silently)."""
+    _, unexpected = rag.load_state_dict(state, strict=False)
     if unexpected:
-        where = "weights" if isinstance(src, dict) else str(src)
         raise ValueError(f"{where}: unexpected keys in weights, e.g. {unexpected[:3]}")

@@ -1,7 +1,7 @@
 """`ragtune` command line.
 
   ragtune train CONFIG.yaml... [key=value...]    train + evaluate one run (run_dir=DIR picks the folder)
-  ragtune eval RUN_DIR [key=value...]            re-evaluate a finished run: predictions.jsonl + scores.json
+  ragtune eval RUN_DIR... [key=value...]         re-evaluate finished runs (eval.splits=[test], ...)
   ragtune list                                   strategies, what they train, whether they need labels
   ragtune data synth --out DIR [--seed N] ...    write the synthetic benchmark
   ragtune data check FILE...                     validate corpus/question files, report every bad row
@@ -10,23 +10,29 @@
 
 Exit codes: 0 ok, 1 failed run or bad data, 2 bad configuration, 3 diverged run, 130 interrupted.
 """
+
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import List, Optional
 
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
 
 def _split_args(args: List[str]):
-    files = [a for a in args if "=" not in a]
-    overrides = [a for a in args if "=" in a]
-    return files, overrides
+    """(paths, key=value overrides): an override's key is a dotted name, so a path that contains
+    '=' (grid run directories do: lr-generator=0.001_seed-0) is still a path."""
+    overrides = [a for a in args if _OVERRIDE.match(a)]
+    return [a for a in args if not _OVERRIDE.match(a)], overrides
 
 
 def cmd_train(args: List[str]) -> int:
     from ragtune.config import load_config
-    from ragtune.run import STATUS_EXIT, failed_result, train
+    from ragtune.run import train_and_evaluate
+    from ragtune.rundir import EXIT, exit_code, failed_result
 
     files, overrides = _split_args(args)
     if not files:
@@ -34,10 +40,10 @@ def cmd_train(args: List[str]) -> int:
         return 2
     cfg = load_config(files, overrides)
     try:
-        result = train(cfg)
+        result = train_and_evaluate(cfg)
     except KeyboardInterrupt as e:
         print(f"interrupted ({e}); re-run the same command to resume from the last checkpoint", file=sys.stderr)
-        return 130
+        return EXIT["interrupted"]
     except (ValueError, RuntimeError, OSError) as e:
         from ragtune.config import ConfigError
         from ragtune.data import DataError
@@ -48,9 +54,9 @@ def cmd_train(args: List[str]) -> int:
         result = failed_result(cfg, e)
         print(result["traceback"], file=sys.stderr)
     if result.get("secondary_process"):
-        return STATUS_EXIT[result["status"]]
+        return exit_code(result)
     _print_result(result)
-    return STATUS_EXIT[result["status"]]
+    return exit_code(result)
 
 
 def _print_result(result: dict) -> None:
@@ -70,15 +76,27 @@ def _print_result(result: dict) -> None:
 
 
 def cmd_eval(args: List[str]) -> int:
+    """Each run directory in turn, in this one process (the experiment runner evaluates its
+    selected runs on test this way); a bad run directory is reported and the others go on."""
+    from ragtune.config import ConfigError
     from ragtune.run import eval_run
 
-    if not args or "=" in args[0] or any("=" not in a for a in args[1:]):
-        print("usage: ragtune eval RUN_DIR [key=value...]", file=sys.stderr)
+    dirs, overrides = _split_args(args)
+    if not dirs:
+        print("usage: ragtune eval RUN_DIR... [key=value...]", file=sys.stderr)
         return 2
-    scores = eval_run(args[0], args[1:])
-    for split, s in scores.items():
-        print(f"{split}: " + " ".join(f"{k} {v:.4f}" for k, v in s.items() if isinstance(v, float)))
-    return 0
+    rc = 0
+    for d in dirs:
+        try:
+            scores = eval_run(d, overrides)
+        except ConfigError as e:
+            print(f"error: {d}: {e}" if len(dirs) > 1 else f"error: {e}", file=sys.stderr)
+            rc = 2
+            continue
+        where = f"{d} " if len(dirs) > 1 else ""
+        for split, s in scores.items():
+            print(f"{where}{split}: " + " ".join(f"{k} {v:.4f}" for k, v in s.items() if isinstance(v, float)))
+    return rc
 
 
 def cmd_list(args: List[str]) -> int:
@@ -109,19 +127,39 @@ def cmd_data(args: List[str]) -> int:
 
 
 def cmd_experiment(args: List[str]) -> int:
-    from ragtune.experiment import main_experiment
+    from ragtune.experiment.runner import run_experiment
+    from ragtune.experiment.spec import load_experiment
 
-    return main_experiment(args)
+    files, overrides = _split_args(args)
+    if len(files) != 1:
+        print("usage: ragtune experiment EXPERIMENT.yaml [out=DIR] [key=value...]", file=sys.stderr)
+        return 2
+    return run_experiment(load_experiment(files[0], overrides))
 
 
 def cmd_compare(args: List[str]) -> int:
-    from ragtune.compare import main_compare
+    from ragtune.experiment import compare
 
-    return main_compare(args)
+    p = argparse.ArgumentParser(prog="ragtune compare", description=compare.__doc__.split("\n\n")[1])
+    p.add_argument("dirs", nargs="+", help="experiment or run directories")
+    p.add_argument("--metric", default="em", help="sort column and significance metric (em, f1, recall@k...)")
+    p.add_argument("--split", choices=("test", "dev"), default=None, help="default: test when every row has it")
+    p.add_argument("--format", choices=("md", "csv"), default="md")
+    p.add_argument("--plot", default=None, metavar="FILE.png")
+    p.add_argument("--samples", type=int, default=10000, help="permutation test resamples")
+    p.add_argument("--seed", type=int, default=0)
+    ns = p.parse_args(args)
+    return compare.compare(ns.dirs, ns.metric, ns.split, ns.format, ns.plot, ns.samples, ns.seed)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "list": cmd_list, "data": cmd_data,
-            "experiment": cmd_experiment, "compare": cmd_compare}
+COMMANDS = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "list": cmd_list,
+    "data": cmd_data,
+    "experiment": cmd_experiment,
+    "compare": cmd_compare,
+}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -8,50 +8,113 @@ Every problem raises `ConfigError` naming the dotted key; the CLI turns it into 
 The resolved config is saved in the run directory, and `ragtune train RUN_DIR/config.yaml`
 reproduces the run.
 """
+
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-COMPONENTS = ("query_encoder", "doc_encoder", "generator", "strategy")
+from ragtune.components import BUILTIN_COMPONENTS
 
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the dotted key."""
 
 
+# ---- allowed values, declared next to their fields ---------------------------------------------
+def choice(default: Any, *choices: Any) -> Any:
+    """A field whose value must be one of `choices` (None is allowed when it is the default)."""
+    return field(default=default, metadata={"choices": tuple(choices)})
+
+
+def positive(default: Any) -> Any:
+    """A finite number > 0."""
+    return field(default=default, metadata={"min": 0, "strict": True})
+
+
+def nonneg(default: Any) -> Any:
+    """A finite number >= 0."""
+    return field(default=default, metadata={"min": 0, "strict": False})
+
+
+def check_fields(obj: Any, prefix: str) -> None:
+    """Check the metadata constraints of a (nested) dataclass instance; errors name `prefix.field`.
+
+    One checker for run configs, strategy options and experiment specs: numbers must be finite
+    (a NaN or inf setting is never silently accepted), `choices` / `min` from the field metadata.
+    """
+    for f in dataclasses.fields(obj):
+        val = getattr(obj, f.name)
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(val):
+            check_fields(val, key)
+            continue
+        if isinstance(val, dict):
+            for k, v in val.items():
+                if dataclasses.is_dataclass(v):
+                    check_fields(v, f"{key}.{k}")
+                else:
+                    _check_number(v, f"{key}.{k}")
+            continue
+        if isinstance(val, (list, tuple)):
+            for i, v in enumerate(val):
+                _check_number(v, f"{key}[{i}]")
+        else:
+            _check_number(val, key)
+        if val is None:
+            continue
+        meta = f.metadata
+        if "choices" in meta and val not in meta["choices"]:
+            raise ConfigError(f"config key '{key}': {val!r} is not one of {', '.join(map(str, meta['choices']))}")
+        if "min" in meta:
+            ok = val > meta["min"] if meta["strict"] else val >= meta["min"]
+            if not ok:
+                raise ConfigError(
+                    f"config key '{key}': must be {'>' if meta['strict'] else '>='} {meta['min']}, got {val}"
+                )
+
+
+def _check_number(val: Any, key: str) -> None:
+    if isinstance(val, float) and not math.isfinite(val):
+        raise ConfigError(f"config key '{key}': must be a finite number, got {val}")
+
+
 @dataclass
 class SynthData:
     """Options of the embedded synthetic benchmark (see ragtune.data.synth.SynthConfig)."""
+
     seed: int = 0
     options: Dict[str, Any] = field(default_factory=dict)  # extra SynthConfig fields
 
 
 @dataclass
 class DataConfig:
-    source: str = "synth"            # synth | files | hf
-    dir: str = ""                    # files: folder with corpus/train/dev/test files
+    source: str = choice("synth", "synth", "files", "hf")
+    dir: str = ""  # files: folder with corpus/train/dev/test files
     corpus: str = "corpus.jsonl"
     train: str = "train.jsonl"
     dev: str = "dev.jsonl"
     test: str = "test.jsonl"
-    hf_name: str = ""                # hf: dataset name or a save_to_disk folder
-    hf_corpus: str = ""              # hf: dataset name/folder of the passages
+    hf_name: str = ""  # hf: dataset name or a save_to_disk folder
+    hf_corpus: str = ""  # hf: dataset name/folder of the passages
     field_map: Dict[str, str] = field(default_factory=dict)
     synth: SynthData = field(default_factory=SynthData)
     cache_dir: str = "~/.cache/ragtune"
-    max_train: int = 0               # 0 = all
-    max_eval: int = 0                # 0 = all (dev and test)
+    max_train: int = nonneg(0)  # 0 = all
+    max_eval: int = nonneg(0)  # 0 = all (dev and test)
+    allow_split_overlap: bool = False  # a dev/test question also in train (id or text) is an error unless set
 
 
 @dataclass
 class TinyModel:
     """Size of a tiny random-init transformer built from config (tests, CPU default)."""
+
     hidden: int = 64
     layers: int = 2
     heads: int = 2
@@ -62,24 +125,26 @@ class TinyModel:
 
 @dataclass
 class RetrieverConfig:
-    model: str = "tiny"              # tiny | minilm | auto (minilm if installed, else tiny) | <path or hub name>
-    shared_towers: bool = False      # one encoder for queries and passages
-    pooling: str = "mean"            # mean | cls
+    model: str = "tiny"  # tiny | minilm | auto (minilm if installed, else tiny) | <path or hub name>
+    shared_towers: bool = False  # one encoder for queries and passages
+    pooling: str = choice("mean", "mean", "cls")
     normalize: bool = True
-    temperature: float = 0.05
-    max_query_length: int = 32
-    max_passage_length: int = 64
+    temperature: float = positive(0.05)
+    max_query_length: int = positive(32)
+    max_passage_length: int = positive(64)
     tiny: TinyModel = field(default_factory=TinyModel)
 
 
 @dataclass
 class IndexConfig:
-    backend: str = "exact"           # exact (torch) | faiss_flat | faiss_hnsw | faiss_ivf
-    refresh_every: int = 0           # steps between re-embeddings when the passage encoder trains (0: only at phase ends)
+    backend: str = choice("exact", "exact", "faiss_flat", "faiss_hnsw", "faiss_ivf")  # exact = torch matmul
+    refresh_every: int = nonneg(
+        0
+    )  # steps between re-embeddings when the passage encoder trains (0: only at phase ends)
     hnsw_m: int = 32
     ivf_nlist: int = 64
     ivf_nprobe: int = 8
-    use_gpu: bool = True             # only used when faiss sees a GPU
+    use_gpu: bool = True  # only used when faiss sees a GPU
     batch_size: int = 256
 
 
@@ -95,65 +160,89 @@ class LoraConfig:
 @dataclass
 class PretrainConfig:
     """LM pre-training of a tiny generator on the corpus text (a stand-in for a pretrained LLM)."""
-    steps: int = 0                   # 0 = no pre-training
+
+    steps: int = 0  # 0 = no pre-training
     lr: float = 3e-3
     batch_size: int = 32
     seed: int = 0
-    grouped: bool = False            # pack passages sorted by text (so by title: an entity's facts share a block)
+    grouped: bool = False  # pack passages sorted by text (so by title: an entity's facts share a block)
 
 
 @dataclass
 class GeneratorConfig:
-    model: str = "tiny"              # tiny | <local path or hub name>
+    model: str = "tiny"  # tiny | <local path or hub name>
     prompt_template: str = "Passage: {passage}\nQuestion: {question}\nAnswer:"
     answer_prefix: str = " "
-    max_prompt_length: int = 128
-    max_answer_length: int = 16
-    max_new_tokens: int = 12
+    max_prompt_length: int = positive(128)
+    max_answer_length: int = positive(16)
+    max_new_tokens: int = positive(12)
     lora: LoraConfig = field(default_factory=LoraConfig)
     tiny: TinyModel = field(default_factory=TinyModel)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
+SCHEDULES = ("constant", "linear", "cosine")
+DEFAULT_LR = {"query_encoder": 1e-4, "doc_encoder": 1e-4, "generator": 1e-3}
+
+
 @dataclass
-class LearningRates:
-    query_encoder: float = 1e-4
-    doc_encoder: float = 1e-4
-    generator: float = 1e-3
-    strategy: float = 1e-4
+class PhaseOptim:
+    """Per-phase optimisation (`train.phase.<phase name>.*`); None = the strategy's default for
+    the phase, else the global `train.*` value. `lr` overrides `train.lr` per component."""
+
+    lr: Dict[str, float] = field(default_factory=dict)
+    schedule: Optional[str] = choice(None, *SCHEDULES)
+    warmup_steps: Optional[int] = nonneg(None)
+    weight_decay: Optional[float] = nonneg(None)
+    betas: Optional[List[float]] = None
+    eps: Optional[float] = positive(None)
+    clip_norm: Optional[float] = nonneg(None)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 100
-    batch_size: int = 8
-    grad_accum: int = 1
-    k: int = 4                       # passages per question
-    lr: LearningRates = field(default_factory=LearningRates)
-    schedule: str = "linear"         # constant | linear | cosine
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    clip_norm: float = 1.0           # 0 disables clipping
-    eval_every: int = 0              # 0 = only at the end
-    save_every: int = 0              # 0 = only at the end
-    log_every: int = 10
+    steps: int = positive(100)
+    batch_size: int = positive(8)
+    grad_accum: int = positive(1)
+    k: int = positive(4)  # passages per question
+    # {component: lr}; a strategy-owned part falls back to its family's rate (see ragtune.strategy.Part)
+    lr: Dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LR))
+    phase: Dict[str, PhaseOptim] = field(default_factory=dict)  # per-phase overrides, keyed by phase name
+    schedule: str = choice("linear", *SCHEDULES)
+    warmup_steps: int = nonneg(0)
+    weight_decay: float = nonneg(0.0)
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW
+    eps: float = positive(1e-8)
+    clip_norm: float = nonneg(1.0)  # 0 disables clipping
+    # AdamW implementation: auto = fused where the device supports it, else foreach
+    adamw_impl: str = choice("auto", "auto", "fused", "foreach", "for_loop")
+    eval_every: int = nonneg(0)  # 0 = only at the end
+    save_every: int = nonneg(0)  # 0 = only at the end
+    log_every: int = positive(10)
     seed: int = 0
-    threads: int = 0                 # torch threads on CPU (0 = leave as is)
-    precision: str = "no"            # no | bf16 (accelerate mixed precision; fp16 is refused)
+    threads: int = nonneg(0)  # torch threads on CPU (0 = leave as is)
+    precision: str = choice("no", "no", "bf16")  # accelerate mixed precision; fp16 needs loss scaling: refused
     tensorboard: bool = False
     progress: bool = True
-    only_phase: str = ""             # run only this phase of a phased strategy
-    init_from: str = ""              # start from the final weights of another run directory
-    stop_after: int = 0              # testing aid: stop (as if killed) after this many steps
+    only_phase: str = ""  # run only this phase of a phased strategy
+    init_from: str = ""  # start from the final weights of another run directory
+
+
+@dataclass
+class DebugConfig:
+    """Testing aids, kept out of the training settings."""
+
+    stop_after: int = nonneg(0)  # stop (as if killed: exit 130) after this many optimizer steps
+    step_sleep: float = nonneg(0.0)  # seconds to sleep after each step (lets a test kill -9 mid-run)
 
 
 @dataclass
 class EvalConfig:
-    k: int = 0                       # passages read at evaluation (0 = train.k)
+    k: int = nonneg(0)  # passages read at evaluation (0 = train.k)
     recall_k: List[int] = field(default_factory=lambda: [1, 5])
-    batch_size: int = 32
+    batch_size: int = positive(32)
     splits: List[str] = field(default_factory=lambda: ["dev", "test"])
-    oracle: bool = False             # read the gold passages (padded with retrieved ones) instead of the top-K
+    oracle: bool = False  # read the gold passages (padded with retrieved ones) instead of the top-K
 
 
 @dataclass
@@ -166,19 +255,7 @@ class Config:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-
-
-_CHOICES = {
-    "data.source": ("synth", "files", "hf"),
-    "retriever.pooling": ("mean", "cls"),
-    "index.backend": ("exact", "faiss_flat", "faiss_hnsw", "faiss_ivf"),
-    "train.schedule": ("constant", "linear", "cosine"),
-    "train.precision": ("no", "bf16"),  # fp16 needs loss scaling, which the loop does not do
-}
-_POSITIVE = ("train.steps", "train.batch_size", "train.grad_accum", "train.k",
-             "retriever.temperature", "eval.batch_size", "generator.max_prompt_length",
-             "generator.max_answer_length", "generator.max_new_tokens", "retriever.max_query_length",
-             "retriever.max_passage_length")
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
 
 def _wrap(err: Exception, where: str = "") -> ConfigError:
@@ -197,6 +274,23 @@ def _parse_overrides(overrides: List[str]) -> DictConfig:
         return OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as e:
         raise _wrap(e, "overrides") from e
+    except Exception as e:  # a value YAML cannot parse (e.g. an unclosed bracket)
+        raise ConfigError(f"overrides: cannot parse {overrides}: {str(e).splitlines()[0]}") from e
+
+
+def read_yaml(path: Path) -> DictConfig:
+    """A YAML file whose top level is a mapping; any problem is a ConfigError naming the file."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = OmegaConf.load(path)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except Exception as e:  # malformed YAML
+        raise ConfigError(f"{path}: malformed YAML: {' '.join(str(e).split())[:300]}") from e
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, not a {type(loaded).__name__}")
+    return loaded
 
 
 def load_config(files: List[str] = (), overrides: List[str] = ()) -> DictConfig:
@@ -204,11 +298,8 @@ def load_config(files: List[str] = (), overrides: List[str] = ()) -> DictConfig:
     schema = OmegaConf.structured(Config)
     merged = schema
     for f in files:
-        path = Path(f)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {f}")
+        loaded = read_yaml(Path(f))
         try:
-            loaded = OmegaConf.load(path)
             loaded.pop("defaults", None)  # header-only key for humans, no semantics
             merged = OmegaConf.merge(merged, loaded)
         except OmegaConfBaseException as e:
@@ -222,52 +313,129 @@ def load_config(files: List[str] = (), overrides: List[str] = ()) -> DictConfig:
     return merged
 
 
-def strategy_options(cfg: DictConfig, options_cls: type) -> Any:
-    """Validate `cfg.strategy` against a strategy's Options dataclass; return the typed object."""
-    node = OmegaConf.to_container(cfg.strategy, resolve=True)
-    node.pop("name", None)
+def load_structured(schema: type, node: Any, prefix: str) -> Any:
+    """Validate a plain dict/DictConfig against a dataclass schema; return the typed object.
+
+    The one structured loader: run configs, strategy options (prefix `strategy`) and experiment
+    specs go through it, so every unknown key, wrong type, disallowed choice or non-finite
+    number is a ConfigError naming `prefix.key`.
+    """
     try:
-        typed = OmegaConf.merge(OmegaConf.structured(options_cls), node)
+        typed = OmegaConf.merge(OmegaConf.structured(schema), node)
         obj = OmegaConf.to_object(typed)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", "") or ""
-        raise ConfigError(f"config key 'strategy.{key}': {str(e).splitlines()[0]}") from e
+        where = f"{prefix}.{key}" if prefix and key else (key or prefix)
+        raise ConfigError(f"config key '{where}': {str(e).splitlines()[0]}") from e
+    if dataclasses.is_dataclass(obj):
+        check_fields(obj, prefix)
     check = getattr(obj, "validate", None)
     if check is not None:
         try:
             check()
         except ValueError as e:
-            raise ConfigError(str(e)) from e
+            msg = str(e)
+            raise ConfigError(msg if msg.startswith("config key") else f"config key '{prefix}': {msg}") from e
     return obj
+
+
+def strategy_options(cfg: DictConfig, options_cls: type) -> Any:
+    """Validate `cfg.strategy` against a strategy's Options dataclass; return the typed object."""
+    node = OmegaConf.to_container(cfg.strategy, resolve=True)
+    node.pop("name", None)
+    return load_structured(options_cls, node, "strategy")
 
 
 def validate(cfg: DictConfig) -> None:
     """Value checks OmegaConf's types cannot express; each error names its dotted key."""
-    missing = sorted(k for k in _all_keys(cfg) if OmegaConf.is_missing(cfg, k) if "." not in k)
+    missing = sorted(str(k) for k in cfg.keys() if OmegaConf.is_missing(cfg, k))
     if missing:
         raise ConfigError(f"config key '{missing[0]}': missing required value")
-    for key, choices in _CHOICES.items():
-        val = OmegaConf.select(cfg, key)
-        if val not in choices:
-            raise ConfigError(f"config key '{key}': {val!r} is not one of {', '.join(choices)}")
-    for key in _POSITIVE:
-        val = OmegaConf.select(cfg, key)
-        if not val > 0:
-            raise ConfigError(f"config key '{key}': must be > 0, got {val}")
-    for comp in COMPONENTS:
-        val = cfg.train.lr[comp]
-        if not val > 0:
-            raise ConfigError(f"config key 'train.lr.{comp}': learning rate must be > 0, got {val}")
-    for key in ("train.warmup_steps", "train.weight_decay", "train.clip_norm", "train.eval_every",
-                "train.save_every", "index.refresh_every", "data.max_train", "data.max_eval"):
-        if OmegaConf.select(cfg, key) < 0:
-            raise ConfigError(f"config key '{key}': must be >= 0, got {OmegaConf.select(cfg, key)}")
+    check_fields(OmegaConf.to_object(cfg), "")
+    for key in ("train.lr", *(f"train.phase.{p}.lr" for p in cfg.train.phase)):
+        for comp, val in OmegaConf.select(cfg, key).items():
+            if not (isinstance(val, (int, float)) and math.isfinite(val) and val > 0):
+                raise ConfigError(f"config key '{key}.{comp}': learning rate must be a finite number > 0, got {val}")
+    for key in ("train.betas", *(f"train.phase.{p}.betas" for p in cfg.train.phase)):
+        betas = OmegaConf.select(cfg, key)
+        if betas is not None and (len(betas) != 2 or not all(0 <= b < 1 for b in betas)):
+            raise ConfigError(f"config key '{key}': two numbers in [0, 1) expected, got {list(betas)}")
+    _validate_values(cfg)
     if not isinstance(cfg.strategy.get("name"), str):
         raise ConfigError("config key 'strategy.name': missing strategy name")
+    validate_strategy(cfg)
 
 
-def _all_keys(cfg: DictConfig) -> List[str]:
-    return [str(k) for k in cfg.keys()]
+def _validate_values(cfg: DictConfig) -> None:
+    """Cross-field and list checks: model shapes, prompt fields, eval settings, paths, field maps."""
+    import string
+
+    from ragtune.data.validate import PASSAGE_FIELDS, QUESTION_FIELDS
+
+    for side in ("retriever", "generator"):
+        t = cfg[side].tiny
+        for f in ("hidden", "layers", "heads", "intermediate", "vocab_size", "max_position"):
+            if not t[f] > 0:
+                raise ConfigError(f"config key '{side}.tiny.{f}': must be > 0, got {t[f]}")
+        if t.hidden % t.heads:
+            raise ConfigError(f"config key '{side}.tiny.heads': {t.heads} heads do not divide hidden={t.hidden}")
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(cfg.generator.prompt_template) if name is not None}
+    except ValueError as e:
+        raise ConfigError(f"config key 'generator.prompt_template': {e}") from e
+    unknown = sorted(fields - {"question", "passage"})
+    if unknown or "question" not in fields:
+        raise ConfigError(
+            f"config key 'generator.prompt_template': fields {{question}} (and {{passage}}) expected, "
+            f"unknown: {unknown}"
+        )
+    for i, k in enumerate(cfg.eval.recall_k):
+        if not k > 0:
+            raise ConfigError(f"config key 'eval.recall_k[{i}]': must be > 0, got {k}")
+    for i, split in enumerate(cfg.eval.splits):
+        if split not in ("train", "dev", "test"):
+            raise ConfigError(f"config key 'eval.splits[{i}]': {split!r} is not one of train, dev, test")
+    for key in ("index.batch_size", "index.hnsw_m", "index.ivf_nlist", "index.ivf_nprobe"):
+        if not OmegaConf.select(cfg, key) > 0:
+            raise ConfigError(f"config key '{key}': must be > 0, got {OmegaConf.select(cfg, key)}")
+    allowed = set(PASSAGE_FIELDS + QUESTION_FIELDS)
+    for key in cfg.data.field_map:
+        if key not in allowed:
+            raise ConfigError(f"config key 'data.field_map.{key}': not a field ({', '.join(sorted(allowed))})")
+    if not OmegaConf.is_missing(cfg, "run_dir") and Path(cfg.run_dir).expanduser().is_file():
+        raise ConfigError(f"config key 'run_dir': {cfg.run_dir} is an existing file, not a folder")
+
+
+def validate_strategy(cfg: DictConfig) -> None:
+    """The strategy's options and declaration against the config, before any data or model:
+    options, phase names under `train.phase`, `train.only_phase`, and learning-rate keys."""
+    from ragtune.strategies import get_strategy
+
+    cls = get_strategy(cfg.strategy.name)
+    strategy = cls(strategy_options(cfg, cls.Options))
+    try:
+        strategy.check_declaration()
+    except ValueError as e:
+        raise ConfigError(f"config key 'strategy.name': {e}") from e
+    names = [p.name for p in strategy.phases()]
+    for p in cfg.train.phase:
+        if p not in names:
+            raise ConfigError(
+                f"config key 'train.phase.{p}': not a phase of '{cls.name}' ({', '.join(names) or 'none'})"
+            )
+    if cfg.train.only_phase and cfg.train.only_phase not in names:
+        raise ConfigError(
+            f"config key 'train.only_phase': '{cfg.train.only_phase}' is not a phase of this "
+            f"strategy ({', '.join(names) or 'none'})"
+        )
+    vocab = strategy.vocabulary()
+    for key in ("train.lr", *(f"train.phase.{p}.lr" for p in cfg.train.phase)):
+        for comp in OmegaConf.select(cfg, key):
+            if comp not in vocab:
+                raise ConfigError(f"config key '{key}.{comp}': not a component of '{cls.name}' ({', '.join(vocab)})")
+    for comp in BUILTIN_COMPONENTS:
+        if comp not in cfg.train.lr:
+            raise ConfigError(f"config key 'train.lr.{comp}': missing learning rate")
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:
@@ -285,5 +453,17 @@ def replace(cfg: DictConfig, **updates: Any) -> DictConfig:
     return out
 
 
-__all__ = ["Config", "ConfigError", "load_config", "save_config", "strategy_options", "to_dict",
-           "replace", "COMPONENTS", "dataclasses"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "load_config",
+    "load_structured",
+    "save_config",
+    "strategy_options",
+    "to_dict",
+    "replace",
+    "choice",
+    "positive",
+    "nonneg",
+    "check_fields",
+]

@@ -1,106 +1,244 @@
-"""Evaluation: the same decoder and the same metrics for every strategy.
+"""Evaluation: the same metrics, timing and FLOP accounting for every strategy's predictor.
 
-The core decoder is RAG-Sequence "thorough" decoding (Lewis et al. 2020): retrieve the top-K,
-greedily decode one candidate answer from each passage, then rescore every distinct candidate y
-by the marginal log sum_k p(z_k|x) p_G(y|x,z_k) over all K passages and keep the best. A strategy
-with its own inference procedure (multi-step retrieval, a search agent) overrides
-`Strategy.predict`. Everything here runs under `ledger.evaluating()`: reported, never counted as
-training cost.
+Per batch of questions the strategy's `predict(batch, rag, ctx)` answers, or, when it returns
+None, the core decoder does. The core decoder (`DECODER = "greedy_rescore"`, recorded in the
+result as `decoder`) retrieves the top-K, greedily decodes one candidate answer from each passage
+on its own, then rescores every distinct candidate y by the marginal
+log sum_k p(z_k|x) p_G(y|x, z_k) over all K passages and keeps the best: Lewis et al.'s (2020)
+RAG-Sequence "thorough" decoding with a beam of one per passage, hence the name.
+
+What is scored, and why here: answers (em, f1) and retrieval (recall@k, any_recall@k,
+sp_precision/recall/f1) are computed over what the predictor says it read, its ordered
+`retrieved_ids`, so a multi-step predictor is judged on its own retrieval; the production
+retriever's single top-k search is reported apart as `single_step_recall@k`, from the same
+question embeddings the core decoder used (questions are encoded once). Prediction is timed and
+its FLOPs counted for every strategy alike (`seconds_per_question` at `eval_batch_size`,
+`flops_per_question`). A predict that raises on a batch is retried question by question; a
+question that still fails gets an empty prediction and is counted in `errors` (never a crashed
+run, never a skipped question). Metrics a predictor reports must be declared in the strategy's
+`reports`; their means are emitted under their own names. Everything runs under
+`ledger.evaluating()`: reported, never counted as training cost. `METRICS` (ragtune.metrics)
+lists every score emitted here.
 """
+
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+import math
+import sys
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from ragtune import metrics
 from ragtune.data import Question
+from ragtune.ledger import clock
+from ragtune.strategy import StepContext
 
-
-def oracle_retrieval(m, batch: Sequence[Question], k: int):
-    """Gold passages first, padded to k with the best retrieved non-gold ones (an upper bound)."""
-    q = m.encode_questions([x.question for x in batch])
-    _, top = m.index.search(q, k)
-    rows = []
-    for x, cand in zip(batch, top.tolist()):
-        gold = m.rows_of(x.gold_passage_ids)[:k]
-        rows.append(gold + [r for r in cand if r not in gold][: k - len(gold)])
-    return m.make_retrieval(q, torch.tensor(rows, device=top.device))
+DECODER = "greedy_rescore"
 
 
 @torch.no_grad()
-def core_predict(m, batch: Sequence[Question], k: int, oracle: bool = False) -> List[dict]:
-    """RAG-Sequence thorough decoding for a batch; returns {prediction, retrieved_ids} per question."""
+def greedy_rescore(rag, batch: Sequence[Question], ret) -> List[dict]:
+    """The core decoder on a given retrieval (rows (B, K)); {prediction, retrieved_ids} per question."""
     questions = [q.question for q in batch]
-    ret = oracle_retrieval(m, batch, k) if oracle else m.retrieve(questions, k)
-    prior = torch.log_softmax(ret.scores.float(), dim=-1)                    # (B, K)
+    k = ret.rows.shape[1]
+    prior = torch.log_softmax(ret.scores.float(), dim=-1)  # (B, K)
     flat_q = [q for q in questions for _ in range(k)]
     flat_p = [p for ps in ret.texts for p in ps]
-    cands = m.generator.generate(flat_q, flat_p)                              # (B*K,)
-    per_q = [list(dict.fromkeys(cands[b * k:(b + 1) * k])) for b in range(len(batch))]
+    cands = rag.generator.generate(flat_q, flat_p)  # (B*K,)
+    per_q = [list(dict.fromkeys(cands[b * k : (b + 1) * k])) for b in range(len(batch))]
     rq, rp, ra, owner = [], [], [], []
     for b, cs in enumerate(per_q):
         for c in cs:
-            rq.append(questions[b]); rp.append(ret.texts[b]); ra.append(c); owner.append(b)
-    tok_lp, mask = m.generator.answer_logprobs(rq, rp, ra)                    # (R, K, T), (R, T)
-    seq_lp = tok_lp.sum(-1)                                                   # (R, K)
-    marginal = torch.logsumexp(prior[owner] + seq_lp, dim=-1)                 # (R,)
+            rq.append(questions[b])
+            rp.append(ret.texts[b])
+            ra.append(c)
+            owner.append(b)
+    tok_lp, _ = rag.generator.answer_logprobs(rq, rp, ra)  # (R, K, T)
+    marginal = torch.logsumexp(prior[owner] + tok_lp.sum(-1), dim=-1)  # (R,)
     best: Dict[int, tuple] = {}
     for r, b in enumerate(owner):
         if b not in best or marginal[r] > best[b][0]:
             best[b] = (float(marginal[r]), ra[r])
-    return [{"prediction": best[b][1], "retrieved_ids": ret.ids[b]} for b in range(len(batch))]
+    return [{"prediction": best[b][1], "retrieved_ids": ret.ids[b], "metrics": {}} for b in range(len(batch))]
 
 
 @torch.no_grad()
-def retrieved_ids(m, questions: Sequence[Question], k: int, batch_size: int) -> List[List[str]]:
-    """Single-step top-k passage ids for recall@k."""
-    out: List[List[str]] = []
-    for i in range(0, len(questions), batch_size):
-        chunk = [q.question for q in questions[i:i + batch_size]]
-        out += m.retrieve(chunk, k).ids
-    return out
-
-
-@torch.no_grad()
-def evaluate(m, questions: Sequence[Question], k: int, recall_ks: Sequence[int], batch_size: int,
-             oracle: bool = False) -> Dict[str, object]:
-    """Scores and per-question predictions on `questions` with the strategy's (or core) predictor."""
-    modes = [(mod, mod.training) for mod in m.modules()]
-    m.eval()
+def evaluate(
+    rag,
+    questions: Sequence[Question],
+    k: int,
+    recall_ks: Sequence[int],
+    batch_size: int,
+    oracle: bool = False,
+    step: int = 0,
+) -> Dict[str, object]:
+    """Scores and per-question predictions (`predictions`) of the strategy's predictor (or the core
+    decoder; always the core decoder on gold-first passages with `oracle`). `step`: optimizer
+    steps done, passed to `predict` in its StepContext."""
+    reports = dict(rag.strategy.reports or {})
+    _check_report_names(rag.strategy.name, reports)
+    ctx = StepContext(phase=None, step=step, phase_step=0, phase_steps=0, lrs={}, k=k)
+    kmax = min(max([*recall_ks, k]), len(rag.corpus))
+    modes = [(mod, mod.training) for mod in rag.modules()]
+    rag.eval()
     preds: List[dict] = []
-    with m.ledger.evaluating():
-        for i in range(0, len(questions), batch_size):
-            batch = questions[i:i + batch_size]
-            out = None if oracle else m.strategy.predict(batch, m, k)
-            preds += out if out is not None else core_predict(m, batch, k, oracle)
-        kmax = min(max(list(recall_ks) + [k]), len(m.corpus))
-        single = retrieved_ids(m, questions, kmax, batch_size)
-    for mod, mode in modes:
-        mod.training = mode
-    return score(questions, preds, single, recall_ks)
-
-
-def score(questions: Sequence[Question], preds: List[dict], single: List[List[str]], recall_ks) -> Dict[str, object]:
-    golds = [q.answers for q in questions]
-    texts = [p["prediction"] for p in preds]
-    ems = [metrics.exact_match(p, g) for p, g in zip(texts, golds)]
-    f1s = [metrics.token_f1(p, g) for p, g in zip(texts, golds)]
+    single: List[List[str]] = []  # (N, kmax) ids of the single-step search
+    decoders, seconds, flops = set(), 0.0, 0
+    try:
+        with rag.ledger.evaluating():
+            for i in range(0, len(questions), batch_size):
+                batch = list(questions[i : i + batch_size])
+                f0, t0 = _eval_flops(rag.ledger), clock()
+                out, q, rows, used = _predict_batch(rag, batch, k, ctx, reports, oracle)
+                seconds, flops = seconds + clock() - t0, flops + _eval_flops(rag.ledger) - f0
+                preds += out
+                decoders |= used
+                # single-step recall: the core decoder's question embeddings (and search) when it has them
+                q = rag.encode_questions([x.question for x in batch]) if q is None else q  # (B, H)
+                top = rows if rows is not None and kmax == k else rag.search(q, kmax)  # (B, kmax)
+                single += [[rag.corpus[r].id for r in row] for row in top.tolist()]
+    finally:
+        for mod, mode in modes:
+            mod.training = mode
+    res = score(questions, preds, single, recall_ks, list(reports))
     n = max(len(questions), 1)
-    out: Dict[str, object] = {"em": sum(ems) / n, "f1": sum(f1s) / n, "n": len(questions),
-                              "normalization": metrics.NORMALIZATION}
-    gold_ids = [q.gold_passage_ids for q in questions]
-    for k in recall_ks:
-        out[f"recall@{k}"] = metrics.recall_at_k(single, gold_ids, k)
-    kinds = sorted({q.meta.get("kind", "") for q in questions} - {""})
-    for kind in kinds:
-        idx = [i for i, q in enumerate(questions) if q.meta.get("kind") == kind]
-        out[f"em/{kind}"] = sum(ems[i] for i in idx) / len(idx)
-        for k in recall_ks:
-            out[f"recall@{k}/{kind}"] = metrics.recall_at_k([single[i] for i in idx], [gold_ids[i] for i in idx], k)
-    rows = [{"id": q.id, "question": q.question, "answers": q.answers, "prediction": p["prediction"],
-             "retrieved_ids": p.get("retrieved_ids", []), "gold_passage_ids": q.gold_passage_ids,
-             "em": e, "f1": f, **{k: v for k, v in p.items() if k not in ("prediction", "retrieved_ids")}}
-            for q, p, e, f in zip(questions, preds, ems, f1s)]
+    res.update(
+        decoder=" + ".join(sorted(decoders)),
+        oracle=bool(oracle),
+        eval_batch_size=int(batch_size),
+        seconds_per_question=seconds / n,
+        flops_per_question=flops / n,
+    )
+    return res
+
+
+def _predict_batch(rag, batch: List[Question], k: int, ctx: StepContext, reports, oracle: bool):
+    """(predictions, q (B, H) or None, single top-k rows (B, k) or None, decoders used). q and rows
+    are those of the core decoder when it decoded the whole batch from the index, for reuse."""
+    out = None if oracle else _strategy_predict(rag, batch, ctx, reports)
+    core = [j for j in range(len(batch)) if out is None or out[j] is None]
+    if not core:
+        return out, None, None, {f"{rag.strategy.name}.predict"}
+    sub = [batch[j] for j in core]
+    q = rag.encode_questions([x.question for x in sub])  # (B', H)
+    rows = rag.gold_first_rows(sub, k, q=q) if oracle else rag.search(q, k)  # (B', k)
+    decoded = greedy_rescore(rag, sub, rag.make_retrieval(q, rows))
+    if out is None:
+        return decoded, q, (None if oracle else rows), {DECODER}
+    for j, p in zip(core, decoded):  # some questions fell back to the core decoder
+        out[j] = p
+    return out, None, None, {DECODER, f"{rag.strategy.name}.predict"}
+
+
+def _eval_flops(ledger) -> int:
+    return ledger.deterministic_view()["flops"]["eval"]
+
+
+def _check_report_names(strategy: str, reports: Dict[str, str]) -> None:
+    for name in reports:
+        try:
+            metrics.get_metric(name)
+            taken = True
+        except KeyError:
+            taken = name in metrics.INFO_FIELDS
+        if taken or "/" in name or "@" in name:
+            raise ValueError(
+                f"strategy '{strategy}': reported metric '{name}' collides with an evaluator score or uses '/' or '@'"
+            )
+
+
+def _strategy_predict(rag, batch: List[Question], ctx: StepContext, reports) -> Optional[List[Optional[dict]]]:
+    """The strategy's predictions, checked; None means the core decoder (per question too). A batch
+    that raises is retried question by question, so only the questions that fail lose their answer."""
+    try:
+        out = rag.strategy.predict(batch, rag, ctx)
+    except Exception as err:  # noqa: BLE001 - isolated and counted, see module docstring
+        if len(batch) > 1:
+            return [p for x in batch for p in (_strategy_predict(rag, [x], ctx, reports) or [None])]
+        print(f"predict failed on question {batch[0].id}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        return [{"prediction": "", "retrieved_ids": [], "metrics": {}, "error": f"{type(err).__name__}: {err}"}]
+    if out is None:
+        return None
+    if not isinstance(out, (list, tuple)) or len(out) != len(batch):
+        raise ValueError(
+            f"strategy '{rag.strategy.name}': predict returned {type(out).__name__} of "
+            f"{len(out) if hasattr(out, '__len__') else '?'} items for {len(batch)} questions"
+        )
+    return [_checked(rag.strategy.name, p, reports) for p in out]
+
+
+def _checked(strategy: str, p: dict, reports) -> dict:
+    if not isinstance(p, dict) or not isinstance(p.get("prediction"), str):
+        raise ValueError(f"strategy '{strategy}': predict must return dicts with a str 'prediction', got {p!r}")
+    ids = p.get("retrieved_ids", [])
+    if not isinstance(ids, (list, tuple)):
+        raise ValueError(f"strategy '{strategy}': 'retrieved_ids' must be a list of passage ids, got {ids!r}")
+    vals = dict(p.get("metrics") or {})
+    undeclared = sorted(set(vals) - set(reports))
+    if undeclared:
+        raise ValueError(
+            f"strategy '{strategy}': predict reported undeclared metrics {undeclared}; "
+            f"declare them in the class's `reports` (declared: {sorted(reports)})"
+        )
+    for name, v in vals.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"strategy '{strategy}': metric '{name}' must be a finite number, got {v!r}")
+    return {
+        "prediction": p["prediction"],
+        "retrieved_ids": [str(i) for i in ids],
+        "metrics": {n: float(v) for n, v in vals.items()},
+        **({"error": p["error"]} if "error" in p else {}),
+    }
+
+
+def score(
+    questions: Sequence[Question],
+    preds: List[dict],
+    single: List[List[str]],
+    recall_ks: Sequence[int],
+    reports: Sequence[str] = (),
+) -> Dict[str, object]:
+    """Every METRICS score over `preds` (aligned with `questions`), the single-step ids `single`,
+    the reported metrics' means, and the per-question rows (`predictions`)."""
+    ks = list(recall_ks)
+    rows = []
+    for q, p, s in zip(questions, preds, single):
+        ids, gold = p["retrieved_ids"], q.gold_passage_ids
+        sp = metrics.supporting_prf(ids, gold)
+        row = {
+            "id": q.id,
+            "question": q.question,
+            "answers": q.answers,
+            "prediction": p["prediction"],
+            "retrieved_ids": ids,
+            "gold_passage_ids": gold,
+            "em": metrics.exact_match(p["prediction"], q.answers),
+            "f1": metrics.token_f1(p["prediction"], q.answers),
+            **{f"recall@{k}": metrics.all_gold_at_k(ids, gold, k) for k in ks},
+            **{f"any_recall@{k}": metrics.any_gold_at_k(ids, gold, k) for k in ks},
+            **{f"single_step_recall@{k}": metrics.all_gold_at_k(s, gold, k) for k in ks},
+            **dict(zip(("sp_precision", "sp_recall", "sp_f1"), sp or (None, None, None))),
+            "retrieved_per_question": float(len(set(ids))),
+            **p["metrics"],
+        }
+        if "error" in p:
+            row["error"] = p["error"]
+        rows.append(row)
+    keys = (
+        ["em", "f1"]
+        + [f"{b}@{k}" for b in ("recall", "any_recall", "single_step_recall") for k in ks]
+        + ["sp_precision", "sp_recall", "sp_f1", "retrieved_per_question"]
+    )
+    out: Dict[str, object] = {key: metrics.mean([r[key] for r in rows]) for key in keys}
+    out.update(errors=sum("error" in r for r in rows), n=len(rows), normalization=metrics.NORMALIZATION)
+    for name in reports:  # mean over the questions that reported it; absent if none did
+        vals = [r[name] for r in rows if name in r]
+        if vals:
+            out[name] = sum(vals) / len(vals)
+    for kind in sorted({q.meta.get("kind", "") for q in questions} - {""}):
+        sel = [r for r, q in zip(rows, questions) if q.meta.get("kind") == kind]
+        for key in ["em"] + [f"{b}@{k}" for b in ("recall", "single_step_recall") for k in ks]:
+            out[f"{key}/{kind}"] = metrics.mean([r[key] for r in sel])
     out["predictions"] = rows
     return out

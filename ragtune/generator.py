@@ -7,28 +7,37 @@ Three methods, precisely specified:
 - `generate(questions, passages)`: greedy decoding of one answer per (question, passage).
 - `sample(prompts, ...)`: stochastic decoding of raw prompts (rollouts).
 The prompt template comes from config (no model-name sniffing). Every call is charged to the
-ledger here from the padded token counts.
+ledger here, from the padded token counts, under `self.component` ("generator" by default; a copy
+used as a reference model is charged under its own name, see `copy_as`).
 """
+
 from __future__ import annotations
 
-import time
+import copy
 from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ragtune.cost import Ledger, ModelShape, backward_flops, forward_flops, generate_flops
+from ragtune.flops import ModelShape
+from ragtune.ledger import Ledger, clock
 
 
 class Generator(nn.Module):
-    def __init__(self, model: nn.Module, tokenizer, cfg, ledger: Ledger):
+    def __init__(self, model: nn.Module, tokenizer, cfg, ledger: Ledger, component: str = "generator"):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.ledger = ledger
+        self.component = component  # the ledger charges every call of this instance under this name
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+
+    def copy_as(self, component: str) -> Generator:
+        """An independent copy of the model (same tokenizer, config and ledger) charged as
+        `component`, e.g. a frozen reference model for a KL term."""
+        return Generator(copy.deepcopy(self.model), self.tokenizer, self.cfg, self.ledger, component)
 
     @property
     def device(self) -> torch.device:
@@ -46,20 +55,21 @@ class Generator(nn.Module):
         ids = self.tokenizer([self.cfg.answer_prefix + a for a in answers], add_special_tokens=False)["input_ids"]
         return [x[: self.cfg.max_answer_length - 1] + [self.eos_id] for x in ids]
 
-    def answer_logprobs(self, questions: List[str], passages: List[List[str]], answers: List[str]
-                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def answer_logprobs(
+        self, questions: List[str], passages: List[List[str]], answers: List[str]
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """B questions, K passages each, B answers -> tok_lp (B, K, T), mask (B, T)."""
         B, K = len(questions), len(passages[0])
         prompts = [self.prompt(q, p) for q, ps in zip(questions, passages) for p in ps]
-        p_ids = self._prompt_ids(prompts)                        # B*K lists
-        a_ids = self._answer_ids(answers)                        # B lists
+        p_ids = self._prompt_ids(prompts)  # B*K lists
+        a_ids = self._answer_ids(answers)  # B lists
         T = max(len(a) for a in a_ids)
         seqs = [p + a_ids[i // K] for i, p in enumerate(p_ids)]
         L = max(len(s) for s in seqs)
         dev = self.device
         input_ids = torch.full((B * K, L), self.pad_id, dtype=torch.long)
         attn = torch.zeros((B * K, L), dtype=torch.long)
-        pos = torch.zeros((B * K, T), dtype=torch.long)          # position predicting answer token t
+        pos = torch.zeros((B * K, T), dtype=torch.long)  # position predicting answer token t
         for i, s in enumerate(seqs):
             input_ids[i, : len(s)] = torch.tensor(s)
             attn[i, : len(s)] = 1
@@ -73,18 +83,22 @@ class Generator(nn.Module):
             targets[b, : len(a)] = torch.tensor(a)
             mask[b, : len(a)] = 1.0
         input_ids, attn, pos = input_ids.to(dev), attn.to(dev), pos.to(dev)
-        t0 = time.perf_counter()
+        t0 = clock()
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable()):
-            hidden = self._backbone(input_ids, attn)              # (B*K, L, H)
+            hidden = self._backbone(input_ids, attn)  # (B*K, L, H)
             idx = pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-            h = hidden.gather(1, idx)                             # (B*K, T, H)
-            logits = self._lm_head()(h).float()                   # (B*K, T, V)
+            h = hidden.gather(1, idx)  # (B*K, T, H)
+            logits = self._lm_head()(h).float()  # (B*K, T, V)
             lp = torch.log_softmax(logits, dim=-1)
-            tgt = targets.to(dev).repeat_interleave(K, dim=0)     # (B*K, T)
+            tgt = targets.to(dev).repeat_interleave(K, dim=0)  # (B*K, T)
             tok_lp = lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # (B*K, T)
         mask = mask.to(dev)
         tok_lp = tok_lp.view(B, K, T) * mask.unsqueeze(1)
-        self._charge(B * K * L, int(attn.sum()), [L] * (B * K), B * K * T, time.perf_counter() - t0)
+        seconds = clock() - t0
+        # the LM head ran on the T answer positions of each row only
+        self.ledger.charge_model(
+            self.component, self.shape(), [L] * (B * K), head_positions=T, real_tokens=int(attn.sum()), seconds=seconds
+        )
         return tok_lp, mask
 
     def trainable(self) -> bool:
@@ -103,20 +117,6 @@ class Generator(nn.Module):
         head_dim = getattr(conf, "head_dim", None) or conf.hidden_size // conf.num_attention_heads
         return ModelShape.of(self.model, conf.num_hidden_layers, head_dim * conf.num_attention_heads)
 
-    def _charge(self, tokens, real_tokens, lens, head_tokens, seconds, kind=None):
-        """The LM head runs on the T answer positions only, not on all L positions."""
-        shape = self.shape()
-        vocab, hidden = self._lm_head().weight.shape
-        head = hidden * vocab
-        body = ModelShape(shape.n_layers, shape.d_attn, shape.matmul_params - head,
-                          shape.trainable_matmul_params - (head if self._lm_head().weight.requires_grad else 0))
-        trained = torch.is_grad_enabled() and shape.trainable_matmul_params > 0
-        kind = kind or ("train" if trained else "score")
-        flops = forward_flops(body, lens) + 2 * head * head_tokens
-        if kind == "train":
-            flops += backward_flops(body, lens) + 2 * head * head_tokens * (2 if self._lm_head().weight.requires_grad else 1)
-        self.ledger.charge("generator", kind, tokens=tokens, real_tokens=real_tokens, flops=flops, seconds=seconds)
-
     @torch.no_grad()
     def generate(self, questions: List[str], passages: List[str], max_new_tokens: Optional[int] = None) -> List[str]:
         """Greedy answer for each (question, passage) pair."""
@@ -124,8 +124,14 @@ class Generator(nn.Module):
         return self.sample(prompts, max_new_tokens=max_new_tokens, do_sample=False)
 
     @torch.no_grad()
-    def sample(self, prompts: List[str], max_new_tokens: Optional[int] = None, do_sample: bool = True,
-               temperature: float = 1.0, stop: Optional[List[str]] = None) -> List[str]:
+    def sample(
+        self,
+        prompts: List[str],
+        max_new_tokens: Optional[int] = None,
+        do_sample: bool = True,
+        temperature: float = 1.0,
+        stop: Optional[List[str]] = None,
+    ) -> List[str]:
         """Decode a continuation of each raw prompt (left-padded batch, KV cache)."""
         max_new = max_new_tokens or self.cfg.max_new_tokens
         p_ids = self._prompt_ids(prompts)
@@ -134,15 +140,24 @@ class Generator(nn.Module):
         input_ids = torch.full((n, L), self.pad_id, dtype=torch.long)
         attn = torch.zeros((n, L), dtype=torch.long)
         for i, p in enumerate(p_ids):
-            input_ids[i, L - len(p):] = torch.tensor(p)
-            attn[i, L - len(p):] = 1
-        t0 = time.perf_counter()
-        out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attn.to(self.device),
-                                  max_new_tokens=max_new, do_sample=do_sample,
-                                  temperature=temperature if do_sample else None, top_k=None, top_p=None,
-                                  pad_token_id=self.pad_id, eos_token_id=self.eos_id,
-                                  stop_strings=stop, tokenizer=self.tokenizer if stop else None)
+            input_ids[i, L - len(p) :] = torch.tensor(p)
+            attn[i, L - len(p) :] = 1
+        t0 = clock()
+        out = self.model.generate(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attn.to(self.device),
+            max_new_tokens=max_new,
+            do_sample=do_sample,
+            temperature=temperature if do_sample else None,
+            top_k=None,
+            top_p=None,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_id,
+            stop_strings=stop,
+            tokenizer=self.tokenizer if stop else None,
+        )
         new = out[:, L:].cpu()
+        seconds = clock() - t0
         texts, n_new = [], []
         for row in new.tolist():
             cut = row.index(self.eos_id) + 1 if self.eos_id in row else len(row)
@@ -150,9 +165,14 @@ class Generator(nn.Module):
             texts.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
         # every row runs as many decoding steps as the longest one (finished rows keep computing)
         steps = max(new.shape[1], 1)
-        flops = generate_flops(self.shape(), [L] * n, [steps] * n)
-        self.ledger.charge("generator", "generate", tokens=n * (L + steps), real_tokens=int(attn.sum()) + sum(n_new),
-                           flops=flops, seconds=time.perf_counter() - t0)
+        self.ledger.charge_model(
+            self.component,
+            self.shape(),
+            [L] * n,
+            new_tokens=[steps] * n,
+            real_tokens=int(attn.sum()) + sum(n_new),
+            seconds=seconds,
+        )
         return texts
 
 
@@ -172,7 +192,13 @@ def build_generator(cfg, texts: List[str], ledger: Ledger, seed: int, cache_dir:
     if cfg.lora.enabled:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
-                                                 lora_dropout=cfg.lora.dropout,
-                                                 target_modules=list(cfg.lora.target_modules)))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg.lora.r,
+                lora_alpha=cfg.lora.alpha,
+                lora_dropout=cfg.lora.dropout,
+                target_modules=list(cfg.lora.target_modules),
+            ),
+        )
     return Generator(model, tok, cfg, ledger)

@@ -6,6 +6,7 @@ below ~100k passages on CPU); faiss flat / HNSW / IVF are options. GPU faiss is 
 returns empty indexes. The stored embeddings (N, H) are kept in every case: strategies score
 arbitrary candidate rows against them, and checkpoints save them when the passage side trains.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -41,8 +42,10 @@ class DenseIndex:
             return scores.to(q.device), rows.to(q.device)
         scores, rows = self._faiss.search(q.cpu().numpy(), k)
         if (rows < 0).any():  # faiss pads with -1 when the search reaches fewer than k passages
-            raise RuntimeError(f"index.backend={self.cfg.backend} found fewer than k={k} passages for some "
-                               f"queries; raise index.ivf_nprobe / use a smaller k or index.backend=exact")
+            raise RuntimeError(
+                f"index.backend={self.cfg.backend} found fewer than k={k} passages for some "
+                f"queries; raise index.ivf_nprobe / use a smaller k or index.backend=exact"
+            )
         return torch.from_numpy(scores).to(q.device), torch.from_numpy(rows).long().to(q.device)
 
     def lookup(self, rows: torch.Tensor) -> torch.Tensor:

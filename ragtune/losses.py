@@ -56,6 +56,7 @@ __all__ = [
     "seq_logprob",
     "rag_sequence_nll",
     "rag_token_nll",
+    "marginal_nll",
     "nll_given_passages",
     "contrastive_loss",
     "distill_kl",
@@ -76,9 +77,7 @@ def _check_reduction(reduction: str) -> None:
 
 def _check_tok(tok_lp: Tensor, mask: Tensor) -> None:
     if tok_lp.dim() != 3 or mask.dim() != 2:
-        raise ValueError(
-            f"expected tok_lp (B,K,T) and mask (B,T), got {tuple(tok_lp.shape)} and {tuple(mask.shape)}"
-        )
+        raise ValueError(f"expected tok_lp (B,K,T) and mask (B,T), got {tuple(tok_lp.shape)} and {tuple(mask.shape)}")
     if tok_lp.shape[0] != mask.shape[0] or tok_lp.shape[2] != mask.shape[1]:
         raise ValueError(f"tok_lp {tuple(tok_lp.shape)} does not match mask {tuple(mask.shape)}")
 
@@ -186,6 +185,15 @@ def rag_token_nll(scores: Tensor, tok_lp: Tensor, mask: Tensor, reduction: str =
     log_prior = F.log_softmax(scores, dim=-1).unsqueeze(-1)  # (B, K, 1)
     tok_marg = torch.logsumexp(log_prior + tok_lp, dim=1)  # (B, T)
     return -_masked_reduce(tok_marg, mask, reduction).mean()  # scalar
+
+
+def marginal_nll(kind: str, scores: Tensor, tok_lp: Tensor, mask: Tensor, reduction: str = "sum") -> Tensor:
+    """RAG-Token (``kind="token"``) or RAG-Sequence (``kind="sequence"``) marginal NLL."""
+    if kind == "token":
+        return rag_token_nll(scores, tok_lp, mask, reduction)
+    if kind == "sequence":
+        return rag_sequence_nll(scores, tok_lp, mask, reduction)
+    raise ValueError(f"marginal must be 'token' or 'sequence', got {kind!r}")
 
 
 def nll_given_passages(

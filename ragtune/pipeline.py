@@ -1,43 +1,55 @@
 """The RAG pipeline every strategy trains: retriever + index + generator (+ the strategy's own parts).
 
-`RAGPipeline` is one nn.Module so accelerate/DDP can wrap it; its `forward(batch, step)` is the
-strategy's loss. The retrieval helpers live here (not in strategies) so that every strategy gets
+`RAGPipeline` is one nn.Module so accelerate/DDP can wrap it; its `forward(batch, ctx)` is the
+strategy's loss. The methods a strategy may call are listed in `ragtune.strategy`'s docstring;
+everything else here is the core's. The retrieval helpers live here (not in strategies) so that every strategy gets
 scores the same way: index search without grad, then differentiable scores from the query tower
 against stored passage embeddings, or against freshly re-encoded passages when the passage tower
 is being trained.
 """
+
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 from torch import nn
 
-from ragtune.cost import Ledger
 from ragtune.data import Corpus, Question
 from ragtune.generator import Generator
 from ragtune.index import DenseIndex
+from ragtune.ledger import Ledger
 from ragtune.losses import retrieval_entropy
 from ragtune.retriever import DualEncoder
 
 
 @dataclass
 class Retrieval:
-    rows: torch.Tensor      # (B, K) corpus rows, best first
-    scores: torch.Tensor    # (B, K) s(x, z) / tau, differentiable w.r.t. trained towers
+    rows: torch.Tensor  # (B, K) corpus rows, best first
+    scores: torch.Tensor  # (B, K) s(x, z) / tau, differentiable w.r.t. trained towers
     texts: List[List[str]]  # (B, K) passage texts
-    ids: List[List[str]]    # (B, K) passage ids
+    ids: List[List[str]]  # (B, K) passage ids
 
     def logs(self) -> Dict[str, float]:
         """Entropy of p(z|x) and distinct passages retrieved: watch for retrieval collapse."""
-        return {"retrieval_entropy": float(retrieval_entropy(self.scores.detach().float()).mean()),
-                "distinct_passages": float(self.rows.unique().numel())}
+        return {
+            "retrieval_entropy": float(retrieval_entropy(self.scores.detach().float()).mean()),
+            "distinct_passages": float(self.rows.unique().numel()),
+        }
 
 
 class RAGPipeline(nn.Module):
-    def __init__(self, retriever: DualEncoder, generator: Generator, index: DenseIndex, corpus: Corpus,
-                 ledger: Ledger, strategy: nn.Module):
+    def __init__(
+        self,
+        retriever: DualEncoder,
+        generator: Generator,
+        index: DenseIndex,
+        corpus: Corpus,
+        ledger: Ledger,
+        strategy: nn.Module,
+    ):
         super().__init__()
         self.retriever = retriever
         self.generator = generator
@@ -48,57 +60,108 @@ class RAGPipeline(nn.Module):
         self.passage_texts = [corpus.passage_text(p) for p in corpus]
         self.doc_trained = False  # set by the trainer: passage tower receives gradients this phase
 
-    def forward(self, batch: Sequence[Question], step: int):
-        return self.strategy.loss(batch, self, step)
+    def forward(self, batch: Sequence[Question], ctx):
+        return self.strategy.loss(batch, self, ctx)
 
-    # ---- components -------------------------------------------------------------------------
+    # ---- components (core) --------------------------------------------------------------------
+    def setup_strategy(self) -> None:
+        """Let the strategy build its declared parts, then check that it owns nothing undeclared."""
+        self.strategy.setup(self)
+        owned = {id(p) for part in self.strategy.parts() for p in self.strategy.part_module(part.name).parameters()}
+        stray = [n for n, p in self.strategy.named_parameters() if id(p) not in owned]
+        if stray:
+            raise RuntimeError(
+                f"strategy '{self.strategy.name}' has parameters outside its declared parts: {stray[:3]}"
+            )
+        for part in self.strategy.parts():
+            if not part.trainable:
+                self.strategy.part_module(part.name).requires_grad_(False)
+
+    def component_modules(self) -> Dict[str, nn.Module]:
+        mods = {
+            "query_encoder": self.retriever.query_encoder,
+            "doc_encoder": self.retriever.doc_encoder,
+            "generator": self.generator,
+        }
+        mods.update({p.name: self.strategy.part_module(p.name) for p in self.strategy.parts()})
+        return mods
+
     def component_params(self) -> Dict[str, List[nn.Parameter]]:
-        """Trainable parameters per component (LoRA adapters only when LoRA is on)."""
+        """Trainable parameters per component (LoRA adapters only when LoRA is on); frozen parts: none."""
         gen = self.generator.model
-        gen_params = ([p for n, p in gen.named_parameters() if "lora_" in n] if hasattr(gen, "peft_config")
-                      else list(gen.parameters()))
-        q = list(self.retriever.query_encoder.parameters())
-        d = [] if self.retriever.shared else list(self.retriever.doc_encoder.parameters())
-        return {"query_encoder": q, "doc_encoder": d, "generator": gen_params,
-                "strategy": list(self.strategy.parameters())}
+        gen_params = (
+            [p for n, p in gen.named_parameters() if "lora_" in n]
+            if hasattr(gen, "peft_config")
+            else list(gen.parameters())
+        )
+        out = {
+            "query_encoder": list(self.retriever.query_encoder.parameters()),
+            "doc_encoder": [] if self.retriever.shared else list(self.retriever.doc_encoder.parameters()),
+            "generator": gen_params,
+        }
+        for part in self.strategy.parts():
+            out[part.name] = list(self.strategy.part_module(part.name).parameters()) if part.trainable else []
+        return out
 
-    # ---- retrieval ----------------------------------------------------------------------------
+    def set_modes(self, trains) -> None:
+        """Train mode (dropout) only for the components being trained; frozen ones act as at inference."""
+        self.eval()
+        modules = self.component_modules()
+        for comp in trains:
+            modules[comp].train()
+
     def refresh_index(self, batch_size: int = 256) -> None:
         """Re-embed the whole corpus with the passage tower in eval mode (charged as `index`)."""
         tower = self.retriever.doc_encoder
         was_training = tower.training
         tower.eval()  # no dropout in stored embeddings
         with torch.no_grad():
-            embs = [self.retriever.encode_passages(self.passage_texts[i:i + batch_size], kind="index")
-                    for i in range(0, len(self.passage_texts), batch_size)]
+            embs = [
+                self.retriever.encode_passages(self.passage_texts[i : i + batch_size], activity="index")
+                for i in range(0, len(self.passage_texts), batch_size)
+            ]
         tower.train(was_training)
         self.index.build(torch.cat(embs))
 
-    def set_modes(self, trains) -> None:
-        """Train mode (dropout) only for the components being trained; frozen ones act as at inference."""
+    # ---- the API strategies use -------------------------------------------------------------
+    @contextmanager
+    def scoring(self) -> Iterator[None]:
+        """No grad, dropout off everywhere (charged as `score`); train modes restored afterwards."""
+        modes = [(mod, mod.training) for mod in self.modules()]
         self.eval()
-        modules = {"query_encoder": self.retriever.query_encoder, "doc_encoder": self.retriever.doc_encoder,
-                   "generator": self.generator, "strategy": self.strategy}
-        for comp in trains:
-            modules[comp].train()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            for mod, mode in modes:
+                mod.training = mode
+
+    def encode(self, texts: Sequence[str], tower: nn.Module, component: str, max_length: int) -> torch.Tensor:
+        """(N,) texts -> (N, H) with any tower (a strategy-owned one too), charged under `component`."""
+        return self.retriever.encode(list(texts), tower, component, max_length)
 
     def encode_questions(self, questions: Sequence[str]) -> torch.Tensor:
         return self.retriever.encode_queries(list(questions))  # (B, H)
 
-    def score_rows(self, q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """q (B, H), rows (B, C) -> (B, C) scores / tau; passages re-encoded if the tower trains."""
+    def search(self, q: torch.Tensor, k: int) -> torch.Tensor:
+        """q (B, H) -> top-k rows (B, k) of the index, best first; no gradient, no texts."""
+        return self.index.search(q, k)[1]
+
+    def passage_embeddings(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows (...) -> (..., H): stored, or re-encoded with grad when the passage tower trains."""
         if self.doc_trained:
             flat = rows.reshape(-1).tolist()
-            d = self.retriever.encode_passages([self.passage_texts[r] for r in flat]).view(*rows.shape, -1)
-        else:
-            d = self.index.lookup(rows)  # (B, C, H)
-        return self.retriever.score(q, d.to(q.dtype))
+            return self.retriever.encode_passages([self.passage_texts[r] for r in flat]).view(*rows.shape, -1)
+        return self.index.lookup(rows)
+
+    def score_rows(self, q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """q (B, H), rows (B, C) -> (B, C) scores / tau; passages re-encoded if the tower trains."""
+        return self.retriever.score(q, self.passage_embeddings(rows).to(q.dtype))
 
     def retrieve(self, questions: Sequence[str], k: int, q: torch.Tensor = None) -> Retrieval:
         """Top-k from the index; scores carry gradient into the query (and passage) tower."""
         q = self.encode_questions(questions) if q is None else q
-        _, rows = self.index.search(q, k)
-        return self.make_retrieval(q, rows)
+        return self.make_retrieval(q, self.search(q, k))
 
     def make_retrieval(self, q: torch.Tensor, rows: torch.Tensor) -> Retrieval:
         scores = self.score_rows(q, rows)
@@ -106,6 +169,17 @@ class RAGPipeline(nn.Module):
         texts = [[self.passage_texts[r] for r in row] for row in rows_list]
         ids = [[self.corpus[r].id for r in row] for row in rows_list]
         return Retrieval(rows=rows, scores=scores, texts=texts, ids=ids)
+
+    def gold_first_rows(self, batch: Sequence[Question], k: int, q: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, k) rows: each question's gold passages first (at most k), padded with its best
+        retrieved non-gold passages. Used for gold-context training and oracle evaluation."""
+        q = self.encode_questions([x.question for x in batch]) if q is None else q
+        top = self.search(q, k)
+        rows = []
+        for x, cand in zip(batch, top.tolist()):
+            gold = self.rows_of(x.gold_passage_ids)[:k]
+            rows.append(gold + [r for r in cand if r not in gold][: k - len(gold)])
+        return torch.tensor(rows, device=top.device)
 
     def retrieve_and_read(self, batch: Sequence[Question], k: int):
         """Top-k retrieval + the answer's per-token log-probs under each passage.

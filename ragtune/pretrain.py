@@ -7,6 +7,7 @@ of the corpus and the config, and shared by every strategy so that all compariso
 the same model. Its compute is a fixed sunk cost, like a downloaded checkpoint: it is not
 charged to any strategy's ledger.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,8 +24,11 @@ from ragtune import modelzoo
 
 
 def _key(cfg, texts: List[str]) -> str:
-    spec = {"tiny": OmegaConf.to_container(cfg.tiny), "pretrain": OmegaConf.to_container(cfg.pretrain),
-            "texts": modelzoo.texts_fingerprint(texts)}
+    spec = {
+        "tiny": OmegaConf.to_container(cfg.tiny),
+        "pretrain": OmegaConf.to_container(cfg.pretrain),
+        "texts": modelzoo.texts_fingerprint(texts),
+    }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -1,22 +1,25 @@
 """Dual-encoder retriever: s(x, z) = E_q(x) . E_d(z) / tau.
 
-Two named methods, `encode_queries` and `encode_passages`, no mode flags. Towers are separate
-copies of the same initial encoder by default (query-side-only training keeps the index valid);
-`shared_towers` makes them one module. Every call is charged to the ledger here, from the real
-(padded) token counts, as `train` when the tower is being trained under grad, else `score`.
+One public encode path, `encode(texts, tower, component, max_length)`: tokenise, run the tower,
+pool, normalise, and charge the call to the ledger under `component`, whichever tower it is (the
+built-in query or passage tower, or a tower a strategy owns, e.g. a posterior encoder charged as
+its own part). `encode_queries` / `encode_passages` are the two built-in calls of it. Towers are
+separate copies of the same initial encoder by default (query-side-only training keeps the index
+valid); `shared_towers` makes them one module. The ledger decides train vs score from grad mode.
 """
+
 from __future__ import annotations
 
 import copy
-import time
 from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ragtune.cost import Ledger, ModelShape, backward_flops, forward_flops
 from ragtune import modelzoo
+from ragtune.flops import ModelShape
+from ragtune.ledger import Ledger, clock
 
 
 class DualEncoder(nn.Module):
@@ -33,48 +36,51 @@ class DualEncoder(nn.Module):
     def shared(self) -> bool:
         return self.doc_encoder is self.query_encoder
 
-    def encode_queries(self, texts: List[str], kind: Optional[str] = None) -> torch.Tensor:
-        """(B,) texts -> (B, H) embeddings."""
-        return self._encode(self.query_encoder, "query_encoder", texts, self.cfg.max_query_length, kind)
+    def encode_queries(self, texts: List[str], activity: Optional[str] = None) -> torch.Tensor:
+        """(B,) texts -> (B, H) embeddings from the production query tower."""
+        return self.encode(texts, self.query_encoder, "query_encoder", self.cfg.max_query_length, activity)
 
-    def encode_passages(self, texts: List[str], kind: Optional[str] = None) -> torch.Tensor:
-        """(N,) texts -> (N, H) embeddings."""
-        return self._encode(self.doc_encoder, "doc_encoder", texts, self.cfg.max_passage_length, kind)
+    def encode_passages(self, texts: List[str], activity: Optional[str] = None) -> torch.Tensor:
+        """(N,) texts -> (N, H) embeddings from the production passage tower."""
+        return self.encode(texts, self.doc_encoder, "doc_encoder", self.cfg.max_passage_length, activity)
 
     def score(self, q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """q (B, H), d (B, K, H) -> (B, K) temperature-scaled scores."""
         return torch.einsum("bh,bkh->bk", q, d) / self.temperature
 
-    def _encode(self, tower: nn.Module, name: str, texts: List[str], max_len: int, kind: Optional[str]):
+    def encode(
+        self, texts: List[str], tower: nn.Module, component: str, max_length: int, activity: Optional[str] = None
+    ) -> torch.Tensor:
+        """(N,) texts -> (N, H) float32 embeddings of any tower sharing this tokenizer, charged under
+        `component`. Grad flows only if grad mode is on and the tower has trainable weights.
+        `activity` forces the ledger activity (e.g. "index"); by default train vs score follows grad
+        mode."""
         device = next(tower.parameters()).device
-        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        t0 = time.perf_counter()
+        t0 = clock()
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in tower.parameters())
         with torch.set_grad_enabled(grad):
             hidden = tower(**enc).last_hidden_state  # (N, L, H)
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (N, L, 1)
         if self.cfg.pooling == "mean":
-            emb = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            emb = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (N, H)
         else:
-            emb = hidden[:, 0]
+            emb = hidden[:, 0]  # (N, H)
         if self.cfg.normalize:
             emb = F.normalize(emb, dim=-1)
-        self._charge(tower, name, enc, kind, time.perf_counter() - t0)
-        return emb.float()
-
-    def _charge(self, tower, name, enc, kind, seconds):
+        seconds = clock() - t0
         n, length = enc["input_ids"].shape
-        conf = tower.config
-        shape = ModelShape.of(tower, conf.num_hidden_layers, conf.hidden_size)
-        lens = [length] * n
-        trained = torch.is_grad_enabled() and shape.trainable_matmul_params > 0
-        kind = kind or ("train" if trained else "score")
-        flops = forward_flops(shape, lens)
-        if kind == "train":
-            flops += backward_flops(shape, lens)
-        self.ledger.charge(name, kind, tokens=n * length, real_tokens=int(enc["attention_mask"].sum()),
-                           flops=flops, seconds=seconds)
+        shape = ModelShape.of(tower, tower.config.num_hidden_layers, tower.config.hidden_size)
+        self.ledger.charge_model(
+            component,
+            shape,
+            [length] * n,
+            real_tokens=int(enc["attention_mask"].sum()),
+            seconds=seconds,
+            activity=activity,
+        )
+        return emb.float()
 
 
 def build_retriever(cfg, texts: List[str], ledger: Ledger, seed: int) -> DualEncoder:

@@ -1,35 +1,37 @@
-"""One training run end to end: config -> data -> pipeline -> trainer -> evaluation -> result.json.
+"""One training run end to end: config -> data -> pipeline -> trainer -> evaluation -> result.
 
-A run directory holds config.yaml, metrics.jsonl, checkpoints/, final.pt, predictions*.jsonl and
-result.json (strategy, status ok/failed/diverged with a reason, dev/test scores, cost). A run
-whose result.json exists is finished and is not redone; an interrupted run resumes from its
-last checkpoint. A diverged run keeps its last good checkpoint and gets no score.
+The run directory's files (config, step log, checkpoints, final weights, predictions, result,
+scores) are named and read by `ragtune.rundir`. A run whose result says ok or diverged is finished
+and is not redone; an interrupted run resumes from its last checkpoint. A diverged run keeps its
+last good checkpoint and gets no score.
 """
+
 from __future__ import annotations
 
-import json
 import random
-import traceback
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
+from ragtune import rundir
 from ragtune.checkpoint import load_weights, trained_weights
 from ragtune.config import ConfigError, save_config, strategy_options
-from ragtune.cost import Ledger, device_name
-from ragtune.data import RAGData, load_passages, load_questions, load_hf, load_synth
+from ragtune.data import RAGData, load_hf, load_passages, load_questions, load_synth
+from ragtune.data.schema import DataError
 from ragtune.data.synth import SynthConfig
+from ragtune.data.validate import split_overlap
 from ragtune.evaluate import evaluate
 from ragtune.generator import build_generator
 from ragtune.index import DenseIndex
+from ragtune.ledger import Ledger, device_name
 from ragtune.pipeline import RAGPipeline
 from ragtune.retriever import build_retriever
+from ragtune.rundir import read_final, write_result
 from ragtune.strategies import get_strategy
-from ragtune.trainer import Diverged, Trainer
-
-STATUS_EXIT = {"ok": 0, "failed": 1, "diverged": 3}
+from ragtune.trainer import Diverged, Trainer, phase_settings
 
 
 def load_data(dc) -> RAGData:
@@ -54,18 +56,18 @@ def load_data(dc) -> RAGData:
         corpus = load_hf(dc.hf_corpus, "train", "passages", fmap)
         splits = {s: load_hf(dc.hf_name, s, "questions", fmap, corpus=corpus) for s in ("train", "dev", "test")}
         data = RAGData(corpus=corpus, **splits)
+    if not dc.allow_split_overlap:
+        names = {s: str(Path(dc.dir) / dc[s]) for s in ("dev", "test")} if dc.source == "files" else {}
+        problems = split_overlap({"train": data.train, "dev": data.dev, "test": data.test}, names)
+        if problems:
+            raise DataError(problems)
     cut = lambda qs, n: qs[:n] if n else qs
-    return RAGData(corpus=data.corpus, train=cut(data.train, dc.max_train), dev=cut(data.dev, dc.max_eval),
-                   test=cut(data.test, dc.max_eval))
-
-
-def read_final(run_dir, key: str = "") -> dict:
-    """final.pt of a finished run: weights, index and data position (error names `key` if given)."""
-    src = Path(run_dir) / "final.pt"
-    if not src.exists():
-        where = f"config key '{key}': " if key else ""
-        raise ConfigError(f"{where}no final.pt in {run_dir} (the run did not finish successfully)")
-    return torch.load(src, map_location="cpu", weights_only=False)
+    return RAGData(
+        corpus=data.corpus,
+        train=cut(data.train, dc.max_train),
+        dev=cut(data.dev, dc.max_eval),
+        test=cut(data.test, dc.max_eval),
+    )
 
 
 def build_pipeline(cfg, data: RAGData, ledger: Ledger, final: Optional[dict] = None) -> RAGPipeline:
@@ -73,30 +75,36 @@ def build_pipeline(cfg, data: RAGData, ledger: Ledger, final: Optional[dict] = N
     loaded instead of embedding the corpus again."""
     cls = get_strategy(cfg.strategy.name)
     opts = strategy_options(cfg, cls.Options)
-    if cfg.train.k > len(data.corpus):
-        raise ConfigError(f"config key 'train.k': {cfg.train.k} is larger than the corpus ({len(data.corpus)} passages)")
+    for key in ("train.k", "eval.k", *(f"eval.recall_k[{i}]" for i in range(len(cfg.eval.recall_k)))):
+        k = OmegaConf.select(cfg, key)
+        if k > len(data.corpus):
+            raise ConfigError(f"config key '{key}': {k} is larger than the corpus ({len(data.corpus)} passages)")
     unlabeled = [q.id for q in data.train if not q.gold_passage_ids]
     if cls.needs_labels and unlabeled:
-        raise ConfigError(f"config key 'strategy.name': '{cls.name}' needs gold_passage_ids on every training "
-                          f"question; {len(unlabeled)} have none (e.g. {unlabeled[0]!r})")
+        raise ConfigError(
+            f"config key 'strategy.name': '{cls.name}' needs gold_passage_ids on every training "
+            f"question; {len(unlabeled)} have none (e.g. {unlabeled[0]!r})"
+        )
     texts = [data.corpus.passage_text(p) for p in data.corpus] + [q.question for q in data.train]
     seed = cfg.train.seed
     retriever = build_retriever(cfg.retriever, texts, ledger, seed)
-    generator = build_generator(cfg.generator, [data.corpus.passage_text(p) for p in data.corpus], ledger,
-                                seed + 1, cfg.data.cache_dir)
+    generator = build_generator(
+        cfg.generator, [data.corpus.passage_text(p) for p in data.corpus], ledger, seed + 1, cfg.data.cache_dir
+    )
+    rag = RAGPipeline(retriever, generator, DenseIndex(cfg.index), data.corpus, ledger, cls(opts))
     torch.manual_seed(seed + 2)
-    strategy = cls(opts, cfg)
-    m = RAGPipeline(retriever, generator, DenseIndex(cfg.index), data.corpus, ledger, strategy)
+    rag.setup_strategy()  # owned parts exist before any weights are loaded into them
     if final is None and cfg.train.init_from:
         final = read_final(cfg.train.init_from, "train.init_from")
     if final is not None:
-        load_weights(m, final["weights"])
+        load_weights(rag, final["weights"], rundir.FINAL)
+        rag.strategy.load_extra_state(final.get("strategy_extra") or {})
     if final is not None and final.get("index") is not None:
-        m.index.load_state_dict(final["index"])
+        rag.index.load_state_dict(final["index"])
     else:
         with ledger.wall("index"):
-            m.refresh_index(cfg.index.batch_size)
-    return m
+            rag.refresh_index(cfg.index.batch_size)
+    return rag
 
 
 def seed_everything(seed: int, threads: int) -> None:
@@ -116,25 +124,31 @@ def _accelerator(precision: str):
     return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
 
 
-def train(cfg) -> Dict[str, object]:
-    """Run (or resume, or skip if finished) the run described by cfg; returns result.json's content."""
+def train_and_evaluate(cfg) -> Dict[str, object]:
+    """Train (or resume, or skip if finished) the run described by cfg, evaluate it on
+    `eval.splits` and write its final weights, predictions and result; returns the result."""
     run_dir = Path(cfg.run_dir)
-    if (run_dir / "result.json").exists():
-        done = json.loads((run_dir / "result.json").read_text())
-        if done.get("status") != "failed":
-            return done  # finished (ok, or diverged: deterministic, re-running would diverge again)
-        (run_dir / "result.json").unlink()  # a crash may be transient: retry, resuming from the checkpoint
+    done = rundir.finished_result(run_dir)  # ok or diverged; a failed result is removed: retry, resuming
+    if done is not None:
+        return done
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    save_config(cfg, rundir.config_path(run_dir))
     seed_everything(cfg.train.seed, cfg.train.threads)
     acc = _accelerator(cfg.train.precision)
     ledger = Ledger(device_name(acc.device))
     data = load_data(cfg.data)
     parent = read_final(cfg.train.init_from, "train.init_from") if cfg.train.init_from else None
-    m = build_pipeline(cfg, data, ledger, parent).to(acc.device)
-    result: Dict[str, object] = {"strategy": cfg.strategy.name, "status": "ok", "reason": "",
-                                 "lr": dict(cfg.train.lr), "seed": cfg.train.seed, "run_dir": str(run_dir)}
-    trainer = Trainer(cfg, m, data.train, data.dev, run_dir, acc)
+    rag = build_pipeline(cfg, data, ledger, parent).to(acc.device)
+    result: Dict[str, object] = {
+        "strategy": cfg.strategy.name,
+        "status": "ok",
+        "reason": "",
+        "lr": OmegaConf.to_container(cfg.train.lr),
+        "seed": cfg.train.seed,
+        "run_dir": str(run_dir),
+    }
+    trainer = Trainer(cfg, rag, data.train, data.dev, run_dir, acc)
+    result["phase_lr"] = {p.name: phase_settings(cfg.train, rag.strategy, p)["lr"] for _, p, _ in trainer.plan}
     if parent is not None and parent.get("sampler"):  # continue the data order where the parent stopped
         trainer.sampler.load_state_dict(parent["sampler"])
     try:
@@ -147,10 +161,14 @@ def train(cfg) -> Dict[str, object]:
     if result["status"] == "ok":
         # the index travels with the weights, so a run continuing from this one (train.init_from)
         # does not re-embed (and re-pay for) a corpus this run already embedded
-        final = {"weights": trained_weights(m, trainer.components), "index": m.index.state_dict(),
-                 "sampler": trainer.sampler.state_dict()}
-        torch.save(final, run_dir / "final.pt")
-        result.update(evaluate_splits(cfg, m, data, run_dir))
+        final = {
+            "weights": trained_weights(rag, trainer.components),
+            "index": rag.index.state_dict(),
+            "sampler": trainer.sampler.state_dict(),
+            "strategy_extra": rag.strategy.extra_state(),
+        }
+        rundir.write_final(run_dir, final)
+        result.update(evaluate_splits(cfg, rag, data, run_dir, trainer.step))
     result["steps"] = trainer.step
     result["cost"] = ledger.totals()
     write_result(run_dir, result)
@@ -158,50 +176,31 @@ def train(cfg) -> Dict[str, object]:
     return result
 
 
-def evaluate_splits(cfg, m: RAGPipeline, data: RAGData, run_dir: Path) -> Dict[str, object]:
-    """Score each configured split; per-question predictions go to predictions[_split].jsonl."""
+def evaluate_splits(cfg, rag: RAGPipeline, data: RAGData, run_dir: Path, step: int = 0) -> Dict[str, object]:
+    """Score each configured split; per-question predictions go to the run directory (rundir)."""
     ec, out = cfg.eval, {}
     for split in ec.splits:
-        with m.ledger.wall("eval"):
-            res = evaluate(m, getattr(data, split), ec.k or cfg.train.k, list(ec.recall_k), ec.batch_size, ec.oracle)
-        preds = res.pop("predictions")
-        name = "predictions.jsonl" if split == "test" else f"predictions_{split}.jsonl"
-        with open(run_dir / name, "w") as f:
-            for row in preds:
-                f.write(json.dumps(row) + "\n")
+        with rag.ledger.wall("eval"):
+            res = evaluate(
+                rag, getattr(data, split), ec.k or cfg.train.k, list(ec.recall_k), ec.batch_size, ec.oracle, step=step
+            )
+        rundir.write_predictions(run_dir, split, res.pop("predictions"))
         out[split] = res
     return out
 
 
-def write_result(run_dir: Path, result: Dict[str, object]) -> None:
-    tmp = run_dir / "result.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2, default=float))
-    tmp.replace(run_dir / "result.json")
-
-
-def failed_result(cfg, err: BaseException) -> Dict[str, object]:
-    """Record a crashed run as failed with its reason (never as a score)."""
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    result = {"strategy": cfg.strategy.name, "status": "failed", "reason": f"{type(err).__name__}: {err}",
-              "traceback": traceback.format_exc(), "dev": None, "test": None, "lr": dict(cfg.train.lr),
-              "seed": cfg.train.seed, "run_dir": str(run_dir)}
-    write_result(run_dir, result)
-    return result
-
-
 def eval_run(run_dir: Path, overrides: Sequence[str] = ()) -> Dict[str, object]:
-    """Re-evaluate a finished run from its config.yaml and final.pt (`ragtune eval RUN_DIR [k=v...]`,
-    e.g. `eval.splits=[test]` or `eval.oracle=true`)."""
+    """Re-evaluate a finished run from its saved config and final weights (`ragtune eval RUN_DIR...
+    [k=v...]`, e.g. `eval.splits=[test]` or `eval.oracle=true`); the scores go to the run directory."""
     from ragtune.config import load_config
 
     run_dir = Path(run_dir)
-    cfg = load_config([str(run_dir / "config.yaml")], [f"run_dir={run_dir}", "train.init_from=''", *overrides])
+    cfg = load_config([str(rundir.config_path(run_dir))], [f"run_dir={run_dir}", "train.init_from=''", *overrides])
     seed_everything(cfg.train.seed, cfg.train.threads)
     ledger = Ledger(device_name("cuda" if torch.cuda.is_available() else "cpu"))
     final = read_final(run_dir)
     data = load_data(cfg.data)
-    m = build_pipeline(cfg, data, ledger, final)
-    scores = evaluate_splits(cfg, m, data, run_dir)
-    (run_dir / "scores.json").write_text(json.dumps(scores, indent=2))
+    rag = build_pipeline(cfg, data, ledger, final)
+    scores = evaluate_splits(cfg, rag, data, run_dir)
+    rundir.write_scores(run_dir, scores)
     return scores

@@ -4,6 +4,7 @@ Each epoch is a fresh permutation drawn from (seed, epoch), so the position (epo
 whole state: a resumed run sees exactly the batches an uninterrupted one would. With several
 processes, each takes its own slice of every global batch.
 """
+
 from __future__ import annotations
 
 from typing import List
@@ -32,9 +33,9 @@ class BatchSampler:
                 self.epoch, self.pos = self.epoch + 1, 0
                 self._perm = self._permutation(self.epoch)
             take = min(need - len(out), self.n - self.pos)
-            out += self._perm[self.pos:self.pos + take]
+            out += self._perm[self.pos : self.pos + take]
             self.pos += take
-        return out[self.rank * self.bs:(self.rank + 1) * self.bs]
+        return out[self.rank * self.bs : (self.rank + 1) * self.bs]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos}

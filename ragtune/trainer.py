@@ -1,30 +1,37 @@
 """THE training loop, shared by every strategy.
 
 Per phase declared by the strategy: freeze everything but the phase's components, build AdamW
-with one learning rate per component, warmup + constant/linear/cosine schedule, then loop:
-gradient accumulation -> non-finite guard (before any optimizer step, so diverged runs never
-corrupt weights) -> clipping -> step -> index refresh if the passage tower trains -> logging,
-evaluation and checkpoints. Checkpoints hold everything needed for an exact resume.
+(fused where the device supports it) with one parameter group per trained component, its
+learning rate resolved per (phase, component), warmup + constant/linear/cosine schedule, then
+loop: gradient accumulation -> non-finite guard (before any optimizer step, so diverged runs
+never corrupt weights) -> clipping -> step -> `on_step_end` hook -> index refresh if the passage
+tower trains -> logging, evaluation and checkpoints. Checkpoints hold everything needed for an
+exact resume.
+
+Hook order (the contract in `ragtune.strategy`): setup (in `run.build_pipeline`) -> restore ->
+`on_phase_start(rag, ctx, resumed)` -> per step `loss` ... `on_step_end(rag, ctx)`.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ragtune.checkpoint import Checkpointer
+from ragtune import rundir
+from ragtune.checkpoint import Checkpointer, prefix, saved_components
 from ragtune.config import ConfigError
 from ragtune.evaluate import evaluate
 from ragtune.sampler import BatchSampler
-from ragtune.strategy import Phase
+from ragtune.strategy import OPTIM_KEYS, LossSum, Phase, StepContext
 
 
 class Diverged(RuntimeError):
-    """Raised when a loss or gradient is not finite; the step is not applied."""
+    """Raised when a loss, gradient or updated weight is not finite; nothing non-finite is saved."""
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -37,112 +44,167 @@ def lr_lambda(schedule: str, warmup: int, total: int):
         if schedule == "linear":
             return max(0.0, 1.0 - progress)
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
     return f
 
 
 def phase_plan(phases: List[Phase], total: int, only: str = "") -> List[tuple]:
-    """[(phase, n_steps)]: fractions of the budget, the remainder to the last phase."""
+    """[(index, phase, n_steps)]: fractions of the budget, the remainder to the last phase."""
     plan, used = [], 0
     for i, p in enumerate(phases):
         n = total - used if i == len(phases) - 1 else int(round(p.fraction * total))
-        plan.append((p, n))
+        plan.append((i, p, n))
         used += n
     if only:
         names = [p.name for p in phases]
         if only not in names:
-            raise ConfigError(f"config key 'train.only_phase': '{only}' is not a phase of this strategy ({', '.join(names)})")
-        plan = [(p, n) for p, n in plan if p.name == only]
+            raise ConfigError(
+                f"config key 'train.only_phase': '{only}' is not a phase of this strategy ({', '.join(names)})"
+            )
+        plan = [t for t in plan if t[1].name == only]
     return plan
 
 
+def phase_settings(tc, strategy, phase: Phase) -> dict:
+    """Optimiser settings of a phase: `train.phase.<name>.*` > the strategy's phase default >
+    `train.*`; learning rates per trained component, a part falling back to its family's rate."""
+    over = tc.phase.get(phase.name) if phase.name in tc.phase else None
+    out = {}
+    for key in OPTIM_KEYS:
+        val = getattr(over, key) if over is not None else None
+        if val is None:
+            val = phase.optim.get(key, tc[key])
+        out[key] = list(val) if key == "betas" else val
+
+    def lr(comp: str) -> float:
+        for table in ((over.lr if over is not None else {}), phase.optim.get("lr", {}), tc.lr):
+            if comp in table:
+                return float(table[comp])
+        return lr(strategy.lr_family(comp))
+
+    out["lr"] = {c: lr(c) for c in sorted(phase.trains)}
+    return out
+
+
+def adamw(groups: List[dict], s: dict, impl: str) -> torch.optim.Optimizer:
+    """AdamW; `auto` = the fused kernel where the device has one (CUDA, CPU), else foreach."""
+    kw = {"betas": tuple(s["betas"]), "eps": s["eps"], "weight_decay": s["weight_decay"]}
+    if impl == "auto":
+        dev = groups[0]["params"][0].device.type
+        impl = "fused" if dev in ("cuda", "cpu") else "foreach"
+    if impl == "fused":
+        kw["fused"] = True
+    elif impl == "foreach":
+        kw["foreach"] = True
+    else:
+        kw["foreach"] = False
+    return torch.optim.AdamW(groups, **kw)
+
+
 class Trainer:
-    def __init__(self, cfg, m, train_qs, dev_qs, run_dir: Path, accelerator):
-        self.cfg, self.m, self.tc = cfg, m, cfg.train
+    def __init__(self, cfg, rag, train_qs, dev_qs, run_dir: Path, accelerator):
+        self.cfg, self.rag, self.tc = cfg, rag, cfg.train
+        self.strategy = rag.strategy
         self.dev_qs = dev_qs
         self.run_dir = Path(run_dir)
         self.acc = accelerator
-        self.sampler = BatchSampler(len(train_qs), self.tc.batch_size, self.tc.seed,
-                                    accelerator.process_index, accelerator.num_processes)
+        self.sampler = BatchSampler(
+            len(train_qs), self.tc.batch_size, self.tc.seed, accelerator.process_index, accelerator.num_processes
+        )
         self.train_qs = train_qs
-        self.plan = phase_plan(m.strategy.phases(), self.tc.steps, self.tc.only_phase)
-        self.components = sorted({c for p in m.strategy.phases() for c in p.trains} | {"strategy"})
-        self.ckpt = Checkpointer(self.run_dir / "checkpoints", self.components)
+        self.plan = phase_plan(self.strategy.phases(), self.tc.steps, self.tc.only_phase)
+        self.components = saved_components(self.strategy)
+        self.ckpt = Checkpointer(rundir.checkpoints_dir(self.run_dir), self.components)
         self.step = 0
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.metrics_path = rundir.metrics_path(self.run_dir)
         self.tb = None
-        self.model = accelerator.prepare_model(m) if accelerator.num_processes > 1 else m
+        self.model = accelerator.prepare_model(rag) if accelerator.num_processes > 1 else rag
 
     # ---- setup per phase --------------------------------------------------------------------
     def _doc_side_trains(self, trains) -> bool:
-        return "doc_encoder" in trains or (self.m.retriever.shared and "query_encoder" in trains)
+        return "doc_encoder" in trains or (self.rag.retriever.shared and "query_encoder" in trains)
 
     def _start_phase(self, phase: Phase, n_steps: int):
-        groups = self.m.component_params()
-        for p in self.m.parameters():
+        """requires_grad, optimizer and schedule of a phase: only its declared-trainable parameters."""
+        groups = self.rag.component_params()
+        for p in self.rag.parameters():
             p.requires_grad_(False)
+        s = phase_settings(self.tc, self.strategy, phase)
         param_groups = []
-        for comp, params in groups.items():
-            if comp in phase.trains and params:
+        for comp in sorted(phase.trains):
+            params = groups[comp]
+            if params:
                 for p in params:
                     p.requires_grad_(True)
-                param_groups.append({"params": params, "lr": float(self.tc.lr[comp]), "name": comp})
-        self.m.doc_trained = self._doc_side_trains(phase.trains)
-        self.m.strategy.on_phase_start(phase, self.m)
-        opt = torch.optim.AdamW(param_groups, weight_decay=self.tc.weight_decay) if param_groups else None
-        sched = (torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.tc.schedule, self.tc.warmup_steps, n_steps))
-                 if opt else None)
-        return opt, sched
+                param_groups.append({"params": params, "lr": s["lr"][comp], "name": comp})
+        self.rag.doc_trained = self._doc_side_trains(phase.trains)
+        if not param_groups:
+            return None, None, s
+        opt = adamw(param_groups, s, self.tc.adamw_impl)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(s["schedule"], s["warmup_steps"], n_steps))
+        return opt, sched, s
+
+    def _ctx(self, phase: Optional[Phase], phase_step: int, n_steps: int, opt) -> StepContext:
+        lrs = {g["name"]: g["lr"] for g in opt.param_groups} if opt is not None else {}
+        return StepContext(phase, self.step, phase_step, n_steps, lrs, self.tc.k)
 
     # ---- main loop ----------------------------------------------------------------------------
     def fit(self) -> None:
-        """Run (or resume) every planned phase. Raises Diverged on a non-finite loss/gradient."""
+        """Run (or resume) every planned phase. Raises Diverged on a non-finite loss/gradient/weight."""
         state = self.ckpt.load_latest()
-        start_phase, phase_step = 0, 0
+        start_phase, phase_step = self.plan[0][0] if self.plan else 0, 0
         if state is not None:
             start_phase, phase_step = state["phase_idx"], state["phase_step"]
             self.step = state["step"]
-            self.ckpt.restore(state, self.m, self.sampler)
+            self.ckpt.restore(state, self.rag, self.sampler)
             if not self.acc.is_main_process:  # the checkpointed ledger is the merged total: count it once
-                from ragtune.cost import Ledger
-
-                self.m.ledger.load_state_dict(Ledger(self.m.ledger.device_name).state_dict())
+                self._reset_ledger()
         if self.acc.is_main_process:  # also drops the lines of an attempt killed before its first checkpoint
             self._truncate_metrics(self.step)
         if self.tc.tensorboard and self.acc.is_main_process:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(self.run_dir / "tb")
-        for pi in range(start_phase, len(self.plan)):
-            phase, n_steps = self.plan[pi]
-            opt, sched = self._start_phase(phase, n_steps)
-            if state is not None and pi == start_phase and phase_step > 0 and opt is not None:
+
+            self.tb = SummaryWriter(self.run_dir / rundir.TENSORBOARD)
+        for pi, phase, n_steps in self.plan:
+            if pi < start_phase:
+                continue
+            first = phase_step if pi == start_phase else 0
+            opt, sched, settings = self._start_phase(phase, n_steps)
+            resumed = state is not None and pi == start_phase and first > 0
+            if resumed and opt is not None:
                 opt.load_state_dict(state["opt"])
                 sched.load_state_dict(state["sched"])
-            if opt is None:
-                continue
-            self._run_phase(pi, phase, n_steps, phase_step if pi == start_phase else 0, opt, sched)
-            phase_step = 0
-            self.m.doc_trained = False
+            self.strategy.on_phase_start(self.rag, self._ctx(phase, first, n_steps, opt), resumed)
+            if opt is not None:
+                self._run_phase(pi, phase, n_steps, first, opt, sched, settings)
+            self.rag.doc_trained = False
         self._sync_ledger()
         if self.tb:
             self.tb.close()
 
-    def _run_phase(self, pi, phase, n_steps, first, opt, sched):
+    def _run_phase(self, pi, phase, n_steps, first, opt, sched, settings):
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n_steps, initial=first, desc=f"{self.m.strategy.name}:{phase.name}",
-                   disable=not (self.tc.progress and self.acc.is_main_process), leave=False)
-        self.m.set_modes(phase.trains)
+        bar = tqdm(
+            total=n_steps,
+            initial=first,
+            desc=f"{self.strategy.name}:{phase.name}",
+            disable=not (self.tc.progress and self.acc.is_main_process),
+            leave=False,
+        )
+        self.rag.set_modes(phase.trains)
         for ps in range(first, n_steps):
-            logs = self._train_step(opt, sched, phase)
+            logs = self._train_step(opt, sched, self._ctx(phase, ps, n_steps, opt), settings["clip_norm"])
             self.step += 1
+            self.strategy.on_step_end(self.rag, self._ctx(phase, ps + 1, n_steps, opt))
             bar.update(1)
             last = ps == n_steps - 1
             # the phase-end refresh happens before the phase-end checkpoint, so a run resumed from
             # that checkpoint does not skip it (and keeps the refreshed index)
-            if self.m.doc_trained and (last or (self.cfg.index.refresh_every
-                                                and self.step % self.cfg.index.refresh_every == 0)):
+            refresh = self.cfg.index.refresh_every
+            if self.rag.doc_trained and (last or (refresh and self.step % refresh == 0)):
                 self._refresh()
-            if self.step % max(1, self.tc.log_every) == 0 or ps == n_steps - 1:
+            if self.step % max(1, self.tc.log_every) == 0 or last:
                 logs.update({"step": self.step, "phase": phase.name})
                 logs.update({f"lr/{g['name']}": g["lr"] for g in opt.param_groups})
                 self._log(logs)
@@ -150,42 +212,99 @@ class Trainer:
             if self.tc.eval_every and self.step % self.tc.eval_every == 0:
                 self._eval_dev(phase)
             if (self.tc.save_every and self.step % self.tc.save_every == 0) or last:
+                self.check_finite_weights(opt)
                 self._sync_ledger()
                 if self.acc.is_main_process:
-                    self.ckpt.save(self.m, self.sampler, opt, sched, step=self.step,
-                                   phase_idx=pi + 1 if last else pi, phase_step=0 if last else ps + 1)
+                    self.ckpt.save(
+                        self.rag,
+                        self.sampler,
+                        opt,
+                        sched,
+                        step=self.step,
+                        phase_idx=pi + 1 if last else pi,
+                        phase_step=0 if last else ps + 1,
+                    )
                 self.acc.wait_for_everyone()
-            if self.tc.stop_after and self.step >= self.tc.stop_after:
-                raise KeyboardInterrupt(f"train.stop_after={self.tc.stop_after} reached")
+            stop = self.cfg.debug.stop_after
+            if stop and self.step >= stop:
+                raise KeyboardInterrupt(f"debug.stop_after={stop} reached")
+            if self.cfg.debug.step_sleep:
+                time.sleep(self.cfg.debug.step_sleep)
         bar.close()
 
-    def _train_step(self, opt, sched, phase) -> Dict[str, float]:
+    def _train_step(self, opt, sched, ctx: StepContext, clip_norm: float) -> Dict[str, float]:
+        """One optimizer step over `grad_accum` micro-batches.
+
+        A tensor loss is averaged over micro-batches (and ranks, by the gradient all-reduce). A
+        `LossSum` is summed and the gradients divided by the total count over micro-batches and
+        ranks afterwards (gradients are linear in the loss), so accumulation equals one batch.
+        """
         accum = self.tc.grad_accum
         totals: Dict[str, float] = {}
-        with self.m.ledger.wall("train"):
-            for _ in range(accum):
-                batch = [self.train_qs[i] for i in self.sampler.next()]
+        sums: List[Tuple[float, float]] = []  # (loss total, count) of LossSum micro-batches
+        with self.rag.ledger.wall("train"):
+            for i in range(accum):
+                batch = [self.train_qs[j] for j in self.sampler.next()]
                 with self.acc.autocast():
-                    loss, logs = self.model(batch, self.step)
+                    out, logs = self.model(batch, ctx)
+                is_sum = isinstance(out, LossSum)
+                if i and is_sum != bool(sums):
+                    raise TypeError(f"strategy '{self.strategy.name}' mixed LossSum and tensor losses in one step")
+                loss = out.total if is_sum else out
                 # several processes: a NaN on one rank reaches every rank through the gradient
                 # all-reduce and is caught by the norm check below on all of them at once
                 if self.acc.num_processes == 1 and not torch.isfinite(loss.detach()):
                     raise Diverged(f"non-finite loss ({loss.item()}) at step {self.step + 1}")
-                self.acc.backward(loss / accum)
-                logs = {"loss": loss.item(), **logs}
+                self.acc.backward(loss if is_sum else loss / accum)
+                if is_sum:
+                    sums.append((loss.item(), float(out.count)))
+                else:
+                    logs = {"loss": loss.item(), **logs}
                 for k, v in logs.items():
                     totals[k] = totals.get(k, 0.0) + float(v) / accum
             params = [p for g in opt.param_groups for p in g["params"]]
-            max_norm = self.tc.clip_norm if self.tc.clip_norm > 0 else float("inf")
+            if sums:
+                totals["loss"] = self._normalise(params, sums)
+            max_norm = clip_norm if clip_norm > 0 else float("inf")
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             if not torch.isfinite(norm):
                 raise Diverged(f"non-finite gradient norm at step {self.step + 1}")
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-        self.m.ledger.sample_memory()
+        self.rag.ledger.sample_memory()
         totals["grad_norm"] = float(norm)
         return totals
+
+    def _normalise(self, params, sums: List[Tuple[float, float]]) -> float:
+        """Divide summed gradients by the total count over micro-batches and ranks; the loss value."""
+        stats = torch.tensor([sum(t for t, _ in sums), sum(c for _, c in sums)], dtype=torch.float64)
+        if self.acc.num_processes > 1:
+            stats = self.acc.reduce(stats.to(self.acc.device), reduction="sum").cpu()
+        total, count = float(stats[0]), float(stats[1])
+        if count <= 0:
+            raise ValueError(f"strategy '{self.strategy.name}' returned a LossSum with count {count}")
+        # the all-reduce averaged gradients over ranks; undo that and divide by the count instead
+        scale = self.acc.num_processes / count
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        return total / count
+
+    def check_finite_weights(self, opt) -> None:
+        """Before anything is saved: raise Diverged naming the first non-finite weight of a trained
+        or owned component, or the first non-finite optimizer state (nothing non-finite is saved)."""
+        prefixes = tuple(prefix(c) for c in self.components)
+        for name, t in self.rag.state_dict().items():
+            if name.startswith(prefixes) and t.is_floating_point() and not torch.isfinite(t).all():
+                raise Diverged(f"non-finite weight '{name}' after step {self.step}")
+        for g in opt.param_groups:
+            for i, p in enumerate(g["params"]):
+                for key, t in opt.state.get(p, {}).items():
+                    if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
+                        raise Diverged(
+                            f"non-finite optimizer state '{key}' of {g['name']} parameter {i} after step {self.step}"
+                        )
 
     def _sync_ledger(self) -> None:
         """Several processes: fold every rank's charges into the main rank's ledger, then reset the
@@ -194,30 +313,36 @@ class Trainer:
             return
         from accelerate.utils import gather_object
 
-        from ragtune.cost import Ledger
-
-        states = gather_object([self.m.ledger.state_dict()])
+        states = gather_object([self.rag.ledger.state_dict()])
         if self.acc.is_main_process:
             for st in states[1:]:
-                other = Ledger()
+                other = type(self.rag.ledger)()
                 other.load_state_dict(st)
-                self.m.ledger.merge(other, concurrent=True)
+                self.rag.ledger.merge(other, concurrent=True)
         else:
-            self.m.ledger.load_state_dict(Ledger(self.m.ledger.device_name).state_dict())
+            self._reset_ledger()
+
+    def _reset_ledger(self) -> None:
+        self.rag.ledger.load_state_dict(type(self.rag.ledger)(self.rag.ledger.device_name).state_dict())
 
     def _refresh(self):
-        with self.m.ledger.wall("index"):
-            self.m.refresh_index(self.cfg.index.batch_size)
+        with self.rag.ledger.wall("index"):
+            self.rag.refresh_index(self.cfg.index.batch_size)
 
     def _eval_dev(self, phase):
         if not self.acc.is_main_process:  # one evaluation per run, not one per rank
             return
         ec = self.cfg.eval
-        with self.m.ledger.wall("eval"):
-            res = evaluate(self.m, self.dev_qs, ec.k or self.tc.k, list(ec.recall_k), ec.batch_size)
-        self._log({"step": self.step, "phase": phase.name,
-                   **{f"dev/{k}": v for k, v in res.items() if isinstance(v, (int, float))}})
-        self.m.set_modes(phase.trains)
+        with self.rag.ledger.wall("eval"):
+            res = evaluate(self.rag, self.dev_qs, ec.k or self.tc.k, list(ec.recall_k), ec.batch_size, step=self.step)
+        self._log(
+            {
+                "step": self.step,
+                "phase": phase.name,
+                **{f"dev/{k}": v for k, v in res.items() if isinstance(v, (int, float))},
+            }
+        )
+        self.rag.set_modes(phase.trains)
 
     def _log(self, row: Dict[str, object]) -> None:
         if not self.acc.is_main_process:
@@ -234,5 +359,5 @@ class Trainer:
         """On resume, drop log lines written after the checkpoint we restart from."""
         if not self.metrics_path.exists():
             return
-        keep = [l for l in self.metrics_path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= step]
-        self.metrics_path.write_text("".join(l + "\n" for l in keep))
+        keep = [ln for ln in self.metrics_path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
+        self.metrics_path.write_text("".join(ln + "\n" for ln in keep))

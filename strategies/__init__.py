@@ -1,6 +1,8 @@
 """Strategy registry: one line per strategy. Installed as `ragtune.strategies`."""
+
 from __future__ import annotations
 
+import importlib
 from typing import Dict, Type
 
 from ragtune.config import ConfigError
@@ -15,7 +17,23 @@ REGISTRY: Dict[str, Type[Strategy]] = {cls.name: cls for cls in (NoFineTuning, I
 
 
 def get_strategy(name: str) -> Type[Strategy]:
+    """A registered name, or an import path `package.module:ClassName` (a strategy outside ragtune)."""
+    if ":" in name:
+        return _import_strategy(name)
     if name not in REGISTRY:
-        raise ConfigError(f"config key 'strategy.name': unknown strategy '{name}' "
-                          f"(registered: {', '.join(sorted(REGISTRY))})")
+        raise ConfigError(
+            f"config key 'strategy.name': unknown strategy '{name}' "
+            f"(registered: {', '.join(sorted(REGISTRY))}, or an import path module:Class)"
+        )
     return REGISTRY[name]
+
+
+def _import_strategy(path: str) -> Type[Strategy]:
+    module, _, attr = path.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"config key 'strategy.name': cannot import '{path}': {e}") from e
+    if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+        raise ConfigError(f"config key 'strategy.name': '{path}' is not a ragtune.strategy.Strategy subclass")
+    return cls

@@ -8,9 +8,11 @@ Needs context labels (gold passage ids). Two phases, each with its own learning 
 2. `retriever`: InfoNCE on (question, gold passage) pairs with in-batch negatives plus
    `hard_negatives` mined from the index (top-ranked non-gold passages). A multi-hop question
    contributes one pair per gold passage; its other gold passages are masked out of its softmax
-   (they are not negatives). Query side only unless `train_doc_encoder`.
+   (they are not negatives), and a mined negative is never one of the in-batch candidates (it would
+   appear twice in the softmax). Query side only unless `train_doc_encoder`.
 Compute is the sum of both trainings, which the shared ledger records phase by phase.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,24 +20,21 @@ from dataclasses import dataclass
 import torch
 
 from ragtune import losses
+from ragtune.config import choice, nonneg
 from ragtune.strategy import Phase, Strategy
 
 
 @dataclass
 class Options:
-    generator_context: str = "retrieved"   # retrieved | gold
-    hard_negatives: int = 4                # mined per pair from the index (0 = in-batch only)
+    generator_context: str = choice("retrieved", "retrieved", "gold")
+    hard_negatives: int = nonneg(4)  # mined per pair from the index (0 = in-batch only)
     train_doc_encoder: bool = False
-    generator_fraction: float = 0.5        # share of train.steps for phase 1
-    reduction: str = "sum"
+    generator_fraction: float = 0.5  # share of train.steps for phase 1
+    reduction: str = choice("sum", *losses.REDUCTIONS)
 
     def validate(self):
-        if self.generator_context not in ("retrieved", "gold"):
-            raise ValueError("config key 'strategy.generator_context': must be retrieved or gold")
         if not 0 < self.generator_fraction < 1:
             raise ValueError("config key 'strategy.generator_fraction': must be in (0, 1)")
-        if self.hard_negatives < 0:
-            raise ValueError("config key 'strategy.hard_negatives': must be >= 0")
 
 
 class Independent(Strategy):
@@ -50,66 +49,54 @@ class Independent(Strategy):
         f = self.opts.generator_fraction
         return [Phase("generator", frozenset({"generator"}), f), Phase("retriever", frozenset(retr), 1 - f)]
 
-    def loss(self, batch, m, step):
-        if any(p.requires_grad for p in m.generator.model.parameters()):
-            return self._generator_loss(batch, m)
-        return self._retriever_loss(batch, m)
+    def loss(self, batch, rag, ctx):
+        if ctx.phase.name == "generator":
+            return self._generator_loss(batch, rag, ctx.k)
+        return self._retriever_loss(batch, rag)
 
-    def _generator_loss(self, batch, m):
-        k = self.cfg.train.k
+    def _generator_loss(self, batch, rag, k):
         questions = [q.question for q in batch]
         with torch.no_grad():
-            ret = m.retrieve(questions, k)
-        texts, weights = ret.texts, None
-        if self.opts.generator_context == "gold":
-            texts, weights = gold_contexts(batch, ret, m, k)
-        tok_lp, mask = m.generator.answer_logprobs(questions, texts, [q.answers[0] for q in batch])  # (B, K, T)
+            q = rag.encode_questions(questions)  # (B, H)
+            rows = rag.gold_first_rows(batch, k, q) if self.opts.generator_context == "gold" else rag.search(q, k)
+            ret = rag.make_retrieval(q, rows)  # (B, K)
+        weights = None
+        if self.opts.generator_context == "gold":  # gold passages 1/n_gold each, the padding 0
+            weights = torch.zeros(len(batch), k)
+            for b, x in enumerate(batch):
+                n = min(len(x.gold_passage_ids), k)
+                weights[b, :n] = 1.0 / n
+        tok_lp, mask = rag.generator.answer_logprobs(questions, ret.texts, [q.answers[0] for q in batch])  # (B, K, T)
         loss = losses.nll_given_passages(tok_lp, mask, weights, self.opts.reduction)
         return loss, {"answer_tokens": float(mask.sum()), **ret.logs()}
 
-    def _retriever_loss(self, batch, m):
+    def _retriever_loss(self, batch, rag):
         pairs = [(b, pid) for b, q in enumerate(batch) for pid in q.gold_passage_ids]
         if not pairs:
             raise ValueError("a batch without gold passage ids reached the retriever phase")
-        q = m.encode_questions([batch[b].question for b, _ in pairs])             # (P, H)
+        q = rag.encode_questions([batch[b].question for b, _ in pairs])  # (P, H)
         dev = q.device
-        owners = torch.tensor([b for b, _ in pairs], device=dev)                  # (P,)
-        gold_rows = torch.tensor(m.rows_of([pid for _, pid in pairs]), device=dev)  # (P,)
-        uniq, pos = gold_rows.unique(return_inverse=True)                         # (N,), (P,)
-        d = passage_embeddings(m, uniq)                                           # (N, H)
+        owners = torch.tensor([b for b, _ in pairs], device=dev)  # (P,)
+        gold_rows = torch.tensor(rag.rows_of([pid for _, pid in pairs]), device=dev)  # (P,)
+        uniq, pos = gold_rows.unique(return_inverse=True)  # (N,), (P,)
+        d = rag.passage_embeddings(uniq)  # (N, H)
         # a candidate is not a negative for pair p if it is a gold passage of p's own question
-        gold_sets = [set(m.rows_of(batch[b].gold_passage_ids)) for b in owners.tolist()]
+        gold_sets = [set(rag.rows_of(batch[b].gold_passage_ids)) for b in owners.tolist()]
         mask_out = torch.tensor([[r in g for r in uniq.tolist()] for g in gold_sets], device=dev)  # (P, N)
         hard = None
         if self.opts.hard_negatives:
-            hard_rows = mine_negatives(m, q, gold_sets, self.opts.hard_negatives)  # (P, M)
-            hard = passage_embeddings(m, hard_rows.reshape(-1)).view(*hard_rows.shape, -1)  # (P, M, H)
-        loss = losses.contrastive_loss(q, d, pos, m.retriever.temperature, hard_negatives=hard, mask_out=mask_out)
-        logits = q.detach() @ d.detach().T / m.retriever.temperature                # (P, N)
+            # never a passage already among the in-batch candidates: it would appear twice in the softmax
+            hard_rows = mine_negatives(rag, q, gold_sets, set(uniq.tolist()), self.opts.hard_negatives)  # (P, M)
+            hard = rag.passage_embeddings(hard_rows)  # (P, M, H)
+        temp = rag.retriever.temperature
+        loss = losses.contrastive_loss(q, d, pos, temp, hard_negatives=hard, mask_out=mask_out)
+        logits = q.detach() @ d.detach().T / temp  # (P, N)
         return loss, {"pairs": float(len(pairs)), "retrieval_entropy": float(losses.retrieval_entropy(logits).mean())}
 
 
-def passage_embeddings(m, rows: torch.Tensor) -> torch.Tensor:
-    """rows (N,) -> (N, H): stored, or re-encoded with grad when the passage tower trains."""
-    if m.doc_trained:
-        return m.retriever.encode_passages([m.passage_texts[r] for r in rows.tolist()])
-    return m.index.lookup(rows)
-
-
 @torch.no_grad()
-def mine_negatives(m, q: torch.Tensor, gold_sets, n: int) -> torch.Tensor:
-    """Top-ranked non-gold rows per query: (P, n)."""
-    _, rows = m.index.search(q, min(len(m.index), n + max(len(g) for g in gold_sets)))
-    out = [[r for r in row if r not in g][:n] for row, g in zip(rows.tolist(), gold_sets)]
+def mine_negatives(rag, q: torch.Tensor, gold_sets, exclude: set, n: int) -> torch.Tensor:
+    """Top-ranked rows per query that are neither its gold passages nor in `exclude`: (P, n)."""
+    rows = rag.search(q, min(len(rag.index), n + len(exclude | set().union(*gold_sets))))
+    out = [[r for r in row if r not in g and r not in exclude][:n] for row, g in zip(rows.tolist(), gold_sets)]
     return torch.tensor(out, device=q.device)
-
-
-def gold_contexts(batch, ret, m, k):
-    """Gold passages first (weight 1/n_gold each), padded to K with retrieved non-gold passages (weight 0)."""
-    texts, weights = [], torch.zeros(len(batch), k)
-    for b, q in enumerate(batch):
-        gold = q.gold_passage_ids[:k]
-        fill = [t for pid, t in zip(ret.ids[b], ret.texts[b]) if pid not in gold][: k - len(gold)]
-        texts.append([m.passage_texts[m.corpus.row(pid)] for pid in gold] + fill)
-        weights[b, : len(gold)] = 1.0 / len(gold)
-    return texts, weights

@@ -9,31 +9,23 @@
 - `emdr2`: generator NLL as above + the EMDR^2 retriever objective, the posterior-weighted
   signal through sg() generator likelihoods (Singh et al. 2021, arXiv 2106.05346).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from ragtune import losses
+from ragtune.config import choice, positive
 from ragtune.strategy import Phase, Strategy
-
-from .two_phase import marginal_nll
 
 
 @dataclass
 class Options:
-    retriever_loss: str = "marginal"   # marginal | pdist | emdr2
-    marginal: str = "token"            # token | sequence (for retriever_loss=marginal)
-    gen_temperature: float = 1.0       # pdist target temperature
+    retriever_loss: str = choice("marginal", "marginal", "pdist", "emdr2")
+    marginal: str = choice("token", "token", "sequence")  # for retriever_loss=marginal
+    gen_temperature: float = positive(1.0)  # pdist target temperature
     train_doc_encoder: bool = False
-    reduction: str = "sum"
-
-    def validate(self):
-        if self.retriever_loss not in ("marginal", "pdist", "emdr2"):
-            raise ValueError("config key 'strategy.retriever_loss': must be marginal, pdist or emdr2")
-        if self.marginal not in ("token", "sequence"):
-            raise ValueError("config key 'strategy.marginal': must be token or sequence")
-        if not self.gen_temperature > 0:
-            raise ValueError("config key 'strategy.gen_temperature': must be > 0")
+    reduction: str = choice("sum", *losses.REDUCTIONS)
 
 
 class Joint(Strategy):
@@ -46,13 +38,13 @@ class Joint(Strategy):
         comps = {"query_encoder", "generator"} | ({"doc_encoder"} if self.opts.train_doc_encoder else set())
         return [Phase("joint", frozenset(comps), 1.0)]
 
-    def loss(self, batch, m, step):
+    def loss(self, batch, rag, ctx):
         o = self.opts
-        ret, tok_lp, mask = m.retrieve_and_read(batch, self.cfg.train.k)  # scores (B, K), (B, K, T)
+        ret, tok_lp, mask = rag.retrieve_and_read(batch, ctx.k)  # scores (B, K), (B, K, T)
         if o.retriever_loss == "marginal":
-            return marginal_nll(o.marginal, ret.scores, tok_lp, mask, o.reduction), ret.logs()
+            return losses.marginal_nll(o.marginal, ret.scores, tok_lp, mask, o.reduction), ret.logs()
         gen = losses.nll_given_passages(tok_lp, mask, reduction=o.reduction)
-        seq_lp = losses.seq_logprob(tok_lp, mask, o.reduction)                          # (B, K)
+        seq_lp = losses.seq_logprob(tok_lp, mask, o.reduction)  # (B, K)
         if o.retriever_loss == "pdist":
             retr = losses.distill_kl(ret.scores, seq_lp, o.gen_temperature)
         else:

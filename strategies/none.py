@@ -1,4 +1,5 @@
 """`none`: no fine-tuning; the baseline row that shows what every other strategy gains."""
+
 from __future__ import annotations
 
 from ragtune.strategy import Strategy

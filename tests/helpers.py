@@ -3,27 +3,26 @@
 Everything runs on the tiny models of configs/tiny.yaml with a synthetic-data cache in a private
 temporary folder (never ~/.cache), so the tests need no network and leave nothing behind.
 """
+
 from __future__ import annotations
 
 import atexit
-import functools
 import json
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-import pytest
 import torch
 
-from ragtune import modelzoo, run
+from ragtune import run
 from ragtune.config import load_config
-from ragtune.cost import Ledger
+from ragtune.ledger import Ledger
+from ragtune.strategy import StepContext
 from ragtune.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
-COMPONENT_NAMES = ("query_encoder", "doc_encoder", "generator", "strategy")
 TIME_KEYS = ("seconds", "seconds_by_component", "wall_seconds", "peak_memory_bytes", "device_hours")
 
 _CACHE: List[str] = []
@@ -58,14 +57,20 @@ def make_trainer(cfg, data, m) -> Trainer:
 
 
 def component_modules(m) -> Dict[str, torch.nn.Module]:
-    return {"query_encoder": m.retriever.query_encoder, "doc_encoder": m.retriever.doc_encoder,
-            "generator": m.generator.model, "strategy": m.strategy}
+    """The built-in components and the strategy's parts, by component name."""
+    return m.component_modules()
+
+
+def step_ctx(m, phase: str = "", step: int = 0, k: int = 0) -> StepContext:
+    """A StepContext for calling a strategy directly: the named phase (default: the first one)."""
+    phases = m.strategy.phases()
+    ph = next(p for p in phases if p.name == phase) if phase else (phases[0] if phases else None)
+    return StepContext(ph, step, step, 0, {}, k or 2)
 
 
 def snapshot(m) -> Dict[str, Dict[str, torch.Tensor]]:
     """{component: {param name: detached clone}}."""
-    return {c: {n: p.detach().clone() for n, p in mod.named_parameters()}
-            for c, mod in component_modules(m).items()}
+    return {c: {n: p.detach().clone() for n, p in mod.named_parameters()} for c, mod in component_modules(m).items()}
 
 
 def changed_components(before, after) -> Dict[str, List[str]]:
@@ -78,14 +83,19 @@ def changed_components(before, after) -> Dict[str, List[str]]:
 
 
 def step_lines(metrics_path) -> List[dict]:
-    """metrics.jsonl rows without the wall-clock 'time' field."""
-    rows = [json.loads(l) for l in Path(metrics_path).read_text().splitlines() if l.strip()]
-    return [{k: v for k, v in r.items() if k != "time"} for r in rows]
+    """metrics.jsonl rows without wall-clock fields ('time', evaluation '...seconds...')."""
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    return [{k: v for k, v in r.items() if k != "time" and "seconds" not in k} for r in rows]
 
 
 def deterministic_cost(cost: dict) -> dict:
     """result.json's cost minus everything that measures time or memory."""
-    return {k: v for k, v in cost.items() if k not in TIME_KEYS}
+    return {k: v for k, v in cost.items() if k not in TIME_KEYS and "seconds" not in k}
+
+
+def timeless(scores: dict) -> dict:
+    """Evaluation scores without the wall-clock ones (seconds per question)."""
+    return {k: v for k, v in scores.items() if "seconds" not in k}
 
 
 def load_json(path) -> dict:
@@ -100,20 +110,3 @@ def assert_same_tensors(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) 
     assert a.keys() == b.keys()
     bad = [k for k in a if not torch.equal(a[k], b[k])]
     assert not bad, f"tensors differ: {bad[:5]}"
-
-
-@pytest.fixture
-def pinned_tokenizers(monkeypatch):
-    """Build each retriever WordPiece tokenizer once per test and reuse the same object.
-
-    `modelzoo.train_wordpiece` is deterministic (tested in test_pipeline.py); pinning keeps the
-    trainer/checkpoint tests independent of it and saves the rebuild time.
-    """
-    real = modelzoo.train_wordpiece
-
-    @functools.lru_cache(maxsize=None)
-    def cached(texts, vocab_size):
-        return real(list(texts), vocab_size)
-
-    monkeypatch.setattr(modelzoo, "train_wordpiece", lambda texts, vocab_size: cached(tuple(texts), vocab_size))
-    yield

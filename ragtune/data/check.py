@@ -4,6 +4,7 @@ Each file is classified as a corpus (records have `text` and no `question`) or a
 question set.  Question files are checked against the ids of every corpus given
 (as a FILE or via corpus_path).  All files are checked even after failures.
 """
+
 from __future__ import annotations
 
 import sys
@@ -55,8 +56,14 @@ def _check(paths: Sequence[str], corpus_path: str | None = None) -> list[tuple]:
             results[p] = (p, "questions", len(qs), problems)
         elif kinds[p] is None:
             if records:
-                problems.append(Problem(p, records[0][0], "<row>", "cannot tell corpus from "
-                                        "questions: first record has neither 'text' nor 'question'"))
+                problems.append(
+                    Problem(
+                        p,
+                        records[0][0],
+                        "<row>",
+                        "cannot tell corpus from questions: first record has neither 'text' nor 'question'",
+                    )
+                )
             elif not problems:
                 problems.append(Problem(p, 0, "<file>", "no records"))
             results[p] = (p, None, 0, problems)

@@ -4,6 +4,7 @@ All readers go through validate.py and raise one DataError listing every bad
 row (file, line, field).  Line numbers: physical 1-based line for .jsonl,
 1-based record index for .json / .parquet / HF datasets.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,8 +34,7 @@ def read_records(path: str | os.PathLike, problems: list) -> Iterator[tuple[int,
             problems.append(Problem(path, e.lineno, "<json>", f"malformed JSON: {e.msg}"))
             return
         if not isinstance(data, list):
-            problems.append(Problem(path, 0, "<file>",
-                                    f"expected a JSON list of objects, got {type(data).__name__}"))
+            problems.append(Problem(path, 0, "<file>", f"expected a JSON list of objects, got {type(data).__name__}"))
             return
         rows: Iterable[Any] = data
     elif suffix == ".parquet":
@@ -55,14 +55,14 @@ def _jsonl(path: str, problems: list) -> Iterator[tuple[int, dict]]:
                 problems.append(Problem(path, line_no, "<json>", f"malformed JSON line: {e.msg}"))
                 continue
             if not isinstance(obj, dict):
-                problems.append(Problem(path, line_no, "<row>",
-                                        f"expected an object, got {type(obj).__name__}"))
+                problems.append(Problem(path, line_no, "<row>", f"expected an object, got {type(obj).__name__}"))
                 continue
             yield line_no, obj
 
 
 def _parquet(path: str) -> Iterator[dict]:
     import pyarrow.parquet as pq
+
     for batch in pq.ParquetFile(path).iter_batches(batch_size=65536):
         yield from batch.to_pylist()
 
@@ -72,8 +72,7 @@ def _objects(file: str, rows: Iterable[Any], problems: list) -> Iterator[tuple[i
         if isinstance(obj, dict):
             yield i, obj
         else:
-            problems.append(Problem(file, i, "<row>",
-                                    f"expected an object, got {type(obj).__name__}"))
+            problems.append(Problem(file, i, "<row>", f"expected an object, got {type(obj).__name__}"))
 
 
 def _finish(result: list, file: str, problems: list, allow_empty: bool = False):
@@ -90,24 +89,29 @@ def load_passages(path, field_map: Mapping[str, str] | None = None) -> Corpus:
     return Corpus(_finish(ps, str(path), problems))
 
 
-def load_questions(path, corpus: Container[str] | None = None,
-                   field_map: Mapping[str, str] | None = None,
-                   allow_empty: bool = False) -> list[Question]:
+def load_questions(
+    path, corpus: Container[str] | None = None, field_map: Mapping[str, str] | None = None, allow_empty: bool = False
+) -> list[Question]:
     """corpus: a Corpus (or any id container) to check gold/candidate ids against."""
     problems: list = []
-    qs = questions_from_records(read_records(path, problems), str(path), field_map,
-                                corpus, problems)
+    qs = questions_from_records(read_records(path, problems), str(path), field_map, corpus, problems)
     return _finish(qs, str(path), problems, allow_empty)
 
 
-def load_hf(name_or_path: str, split: str = "train", kind: str = "questions",
-            field_map: Mapping[str, str] | None = None,
-            corpus: Container[str] | None = None, **load_kwargs):
+def load_hf(
+    name_or_path: str,
+    split: str = "train",
+    kind: str = "questions",
+    field_map: Mapping[str, str] | None = None,
+    corpus: Container[str] | None = None,
+    **load_kwargs,
+):
     """Load a Hugging Face dataset (hub name, or a save_to_disk folder when the path
     exists) as a Corpus (kind="passages") or a list of Questions (kind="questions")."""
     if kind not in ("passages", "corpus", "questions"):
         raise ValueError(f"kind must be 'passages' or 'questions', got {kind!r}")
     import datasets
+
     if os.path.exists(name_or_path):
         ds = datasets.load_from_disk(name_or_path)
         if isinstance(ds, datasets.DatasetDict):
@@ -120,10 +124,8 @@ def load_hf(name_or_path: str, split: str = "train", kind: str = "questions",
     problems: list = []
     records = _objects(file, iter(ds), problems)
     if kind == "questions":
-        return _finish(questions_from_records(records, file, field_map, corpus, problems),
-                       file, problems)
-    return Corpus(_finish(passages_from_records(records, file, field_map, problems),
-                          file, problems))
+        return _finish(questions_from_records(records, file, field_map, corpus, problems), file, problems)
+    return Corpus(_finish(passages_from_records(records, file, field_map, problems), file, problems))
 
 
 def _as_dict(row) -> dict:

@@ -4,12 +4,39 @@ Words have at least two syllables (so they never collide with English words the
 templates use).  When a length keeps colliding the generator permanently grows
 its syllable count, so asking for millions of unique names always terminates.
 """
+
 from __future__ import annotations
 
 import random
 
-ONSETS = ("b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kr", "l", "m", "n", "p",
-          "pr", "r", "s", "st", "t", "tr", "v", "z", "th", "sh", "j", "qu")
+ONSETS = (
+    "b",
+    "br",
+    "d",
+    "dr",
+    "f",
+    "g",
+    "gr",
+    "h",
+    "k",
+    "kr",
+    "l",
+    "m",
+    "n",
+    "p",
+    "pr",
+    "r",
+    "s",
+    "st",
+    "t",
+    "tr",
+    "v",
+    "z",
+    "th",
+    "sh",
+    "j",
+    "qu",
+)
 VOWELS = ("a", "e", "i", "o", "u", "a", "e", "o", "ai", "ei")
 SIMPLE_ONSETS = tuple(o for o in ONSETS if len(o) == 1)
 CODAS = ("", "", "", "", "n", "r", "l", "s", "k", "m", "sk", "nd", "rn", "lt")
@@ -19,8 +46,7 @@ SIMPLE_CODAS = ("", "", "", "n", "r", "l", "s", "m")  # inside words: keep clust
 class NameGen:
     """Unique capitalised words; `used` is shared between generators that must not clash."""
 
-    def __init__(self, rng: random.Random, used: set[str], min_syllables: int = 2,
-                 max_tries: int = 30):
+    def __init__(self, rng: random.Random, used: set[str], min_syllables: int = 2, max_tries: int = 30):
         self.rng, self.used = rng, used
         self.n_syl = min_syllables
         self.max_tries = max_tries

@@ -4,6 +4,7 @@ Kept free of I/O so that retrievers, generators and strategies can depend on it
 without pulling in file formats.  `passage_text` is the single definition of what
 an encoder or generator sees for a passage; use it everywhere.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ def passage_text(p: Passage) -> str:
 
 class Problem(NamedTuple):
     """One validation problem; line is 1-based (0 = the file as a whole)."""
+
     file: str
     line: int
     field: str
@@ -63,8 +65,9 @@ class Corpus:
         problems = []
         for i, p in enumerate(self.passages):
             if p.id in self._rows:
-                problems.append(("<corpus>", i + 1, "id",
-                                 f"duplicate id {p.id!r} (first at row {self._rows[p.id] + 1})"))
+                problems.append(
+                    ("<corpus>", i + 1, "id", f"duplicate id {p.id!r} (first at row {self._rows[p.id] + 1})")
+                )
             else:
                 self._rows[p.id] = i
         if problems:
@@ -86,8 +89,7 @@ class Corpus:
         try:
             return self._rows[pid]
         except KeyError:
-            raise KeyError(f"passage id {pid!r} is not in the corpus "
-                           f"({len(self)} passages)") from None
+            raise KeyError(f"passage id {pid!r} is not in the corpus ({len(self)} passages)") from None
 
     def get(self, pid: str) -> Passage:
         return self.passages[self.row(pid)]

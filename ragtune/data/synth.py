@@ -6,6 +6,7 @@ comparison questions worded differently from the passages (templates.py).
 Each question carries its gold passages in hop order and a shuffled candidate
 pool of gold + distractors.  Same config -> identical output; O(n) in size.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,7 @@ KINDS = ("single", "bridge", "comparison")
 class SynthConfig:
     seed: int = 0
     n_people: int = 300
-    n_cities: int | None = None        # None: derived from n_people (see resolved)
+    n_cities: int | None = None  # None: derived from n_people (see resolved)
     n_companies: int | None = None
     n_universities: int | None = None
     n_countries: int | None = None
@@ -47,7 +48,7 @@ class SynthConfig:
     frac_single: float = 0.6
     frac_bridge: float = 0.2
     frac_comparison: float = 0.2
-    n_passage_templates: int | None = None   # None: all paraphrases; 1: no paraphrasing
+    n_passage_templates: int | None = None  # None: all paraphrases; 1: no paraphrasing
     n_question_templates: int | None = None
 
     def __post_init__(self):
@@ -56,15 +57,21 @@ class SynthConfig:
         for f in ("n_train", "n_dev", "n_test", "distractors_per_question"):
             if getattr(self, f) < 0:
                 raise ValueError(f"{f} must be >= 0")
-        for f in ("n_cities", "n_companies", "n_universities", "n_countries",
-                  "n_passage_templates", "n_question_templates"):
+        for f in (
+            "n_cities",
+            "n_companies",
+            "n_universities",
+            "n_countries",
+            "n_passage_templates",
+            "n_question_templates",
+        ):
             if getattr(self, f) is not None and getattr(self, f) < 1:
                 raise ValueError(f"{f} must be >= 1 (or None)")
         fr = (self.frac_single, self.frac_bridge, self.frac_comparison)
         if min(fr) < 0 or abs(sum(fr) - 1) > 1e-6:
             raise ValueError(f"question mix fractions must be >= 0 and sum to 1, got {fr}")
 
-    def resolved(self) -> "SynthConfig":
+    def resolved(self) -> SynthConfig:
         """Fill derived sizes; two configs generating the same data resolve equal."""
         n = self.n_people
         return dataclasses.replace(
@@ -72,7 +79,8 @@ class SynthConfig:
             n_cities=self.n_cities or max(3, n // 4),
             n_companies=self.n_companies or max(3, n // 4),
             n_universities=self.n_universities or max(2, n // 10),
-            n_countries=self.n_countries or max(2, min(200, n // 25)))
+            n_countries=self.n_countries or max(2, min(200, n // 25)),
+        )
 
     def split_sizes(self) -> dict[str, dict[str, int]]:
         out = {}
@@ -104,8 +112,10 @@ class _QuestionMaker:
             starts.append(total)
             total += n
         if need > total:
-            raise ValueError(f"world too small: {need} {what} questions requested but only "
-                             f"{total} distinct ones exist; raise n_people or lower n_train/dev/test")
+            raise ValueError(
+                f"world too small: {need} {what} questions requested but only "
+                f"{total} distinct ones exist; raise n_people or lower n_train/dev/test"
+            )
         out = []
         for j in self.rng.sample(range(total), need):
             s = bisect.bisect_right(starts, j) - 1
@@ -117,9 +127,14 @@ class _QuestionMaker:
         out = []
         for rel, i in self._sample_space(segs, need, "single-hop"):
             t, tpl = self._tpl(SINGLE_QUESTIONS[rel])
-            out.append(self._q(tpl.format(s=self.w.subject_name(rel, i)),
-                               [self.w.obj_text(rel, i)], [(rel, i)],
-                               {"kind": "single", "relation": rel, "template": t}))
+            out.append(
+                self._q(
+                    tpl.format(s=self.w.subject_name(rel, i)),
+                    [self.w.obj_text(rel, i)],
+                    [(rel, i)],
+                    {"kind": "single", "relation": rel, "template": t},
+                )
+            )
         return out
 
     def bridges(self, need: int) -> list[Question]:
@@ -128,9 +143,14 @@ class _QuestionMaker:
         for (r1, r2), i in self._sample_space(segs, need, "bridge"):
             mid = self.w.facts[r1][i]
             t, tpl = self._tpl(BRIDGE_QUESTIONS[(r1, r2)])
-            out.append(self._q(tpl.format(s=self.w.subject_name(r1, i)),
-                               [self.w.obj_text(r2, mid)], [(r1, i), (r2, mid)],
-                               {"kind": "bridge", "relation": f"{r1}>{r2}", "template": t}))
+            out.append(
+                self._q(
+                    tpl.format(s=self.w.subject_name(r1, i)),
+                    [self.w.obj_text(r2, mid)],
+                    [(r1, i), (r2, mid)],
+                    {"kind": "bridge", "relation": f"{r1}>{r2}", "template": t},
+                )
+            )
         return out
 
     def comparisons(self, need: int) -> list[Question]:
@@ -146,13 +166,12 @@ class _QuestionMaker:
         while len(out) < need:
             budget -= 1
             if budget < 0:
-                raise ValueError(f"world too small for {need} distinct comparison questions; "
-                                 "raise n_people")
+                raise ValueError(f"world too small for {need} distinct comparison questions; raise n_people")
             name = rng.choice(list(COMPARISONS))
             rel, tpls = COMPARISONS[name]
             vals, n = w.facts[rel], self._n(rel)
             a = rng.randrange(n)
-            if name in groups and rng.random() < 0.5:   # aim for a "yes" pair
+            if name in groups and rng.random() < 0.5:  # aim for a "yes" pair
                 group = groups[name][vals[a]]
                 if len(group) < 2:
                     continue
@@ -171,9 +190,14 @@ class _QuestionMaker:
             else:
                 pick = min if rule == "min" else max
                 ans = w.subject_name(rel, pick((a, b), key=lambda i: vals[i]))
-            out.append(self._q(tpl.format(a=w.subject_name(rel, a), b=w.subject_name(rel, b)),
-                               [ans], [(rel, a), (rel, b)],
-                               {"kind": "comparison", "relation": name, "template": t}))
+            out.append(
+                self._q(
+                    tpl.format(a=w.subject_name(rel, a), b=w.subject_name(rel, b)),
+                    [ans],
+                    [(rel, a), (rel, b)],
+                    {"kind": "comparison", "relation": name, "template": t},
+                )
+            )
         return out
 
     def _q(self, text, answers, gold_facts, meta) -> Question:
@@ -192,8 +216,7 @@ class _QuestionMaker:
                 seen.add(pid)
                 out.append(pid)
 
-        same_entity = [w.pids[r][i] for rel, i in gold_facts
-                       for r in w.relations_of(RELATIONS[rel][0]) if r != rel]
+        same_entity = [w.pids[r][i] for rel, i in gold_facts for r in w.relations_of(RELATIONS[rel][0]) if r != rel]
         rng.shuffle(same_entity)
         for pid in same_entity[: (d + 1) // 2]:
             add(pid)
@@ -226,22 +249,30 @@ def generate(cfg: SynthConfig | None = None) -> RAGData:
 
 
 def _generate(cfg: SynthConfig) -> RAGData:
-    world = build_world(cfg.n_people, cfg.n_cities, cfg.n_companies, cfg.n_universities,
-                        cfg.n_countries, random.Random(f"ragtune-world:{cfg.seed}"))
-    corpus = Corpus(render_passages(world, random.Random(f"ragtune-text:{cfg.seed}"),
-                                    cfg.n_passage_templates))
+    world = build_world(
+        cfg.n_people,
+        cfg.n_cities,
+        cfg.n_companies,
+        cfg.n_universities,
+        cfg.n_countries,
+        random.Random(f"ragtune-world:{cfg.seed}"),
+    )
+    corpus = Corpus(render_passages(world, random.Random(f"ragtune-text:{cfg.seed}"), cfg.n_passage_templates))
     rng = random.Random(f"ragtune-questions:{cfg.seed}")
     maker = _QuestionMaker(world, cfg, rng)
     sizes = cfg.split_sizes()
-    pools = {kind: getattr(maker, {"single": "singles", "bridge": "bridges",
-                                   "comparison": "comparisons"}[kind])(
-                 sum(sizes[s][kind] for s in SPLITS)) for kind in KINDS}
+    pools = {
+        kind: getattr(maker, {"single": "singles", "bridge": "bridges", "comparison": "comparisons"}[kind])(
+            sum(sizes[s][kind] for s in SPLITS)
+        )
+        for kind in KINDS
+    }
     splits = {}
     for split in SPLITS:
         qs = []
         for kind in KINDS:
-            qs += pools[kind][:sizes[split][kind]]
-            pools[kind] = pools[kind][sizes[split][kind]:]
+            qs += pools[kind][: sizes[split][kind]]
+            pools[kind] = pools[kind][sizes[split][kind] :]
         rng.shuffle(qs)
         width = max(5, len(str(len(qs))))
         for j, q in enumerate(qs):
@@ -259,8 +290,7 @@ def stats(data: RAGData) -> dict:
 
 
 def config_hash(cfg: SynthConfig) -> str:
-    blob = json.dumps({"v": GENERATOR_VERSION, **dataclasses.asdict(cfg.resolved())},
-                      sort_keys=True)
+    blob = json.dumps({"v": GENERATOR_VERSION, **dataclasses.asdict(cfg.resolved())}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -272,8 +302,12 @@ def write(cfg: SynthConfig | None, out_dir) -> RAGData:
     save_jsonl(out / "corpus.jsonl", data.corpus)
     for split in SPLITS:
         save_jsonl(out / f"{split}.jsonl", data.split(split))
-    meta = {"generator_version": GENERATOR_VERSION, "config": dataclasses.asdict(cfg),
-            "config_hash": config_hash(cfg), "counts": stats(data)}
+    meta = {
+        "generator_version": GENERATOR_VERSION,
+        "config": dataclasses.asdict(cfg),
+        "config_hash": config_hash(cfg),
+        "counts": stats(data),
+    }
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return data
 
@@ -304,8 +338,7 @@ def load_synth(cfg: SynthConfig | None = None, cache_dir=None) -> RAGData:
 def main_synth(argv=None) -> int:
     """`ragtune data synth --out DIR [--seed N] [--people N] ...`"""
     d = SynthConfig()
-    p = argparse.ArgumentParser(prog="ragtune data synth",
-                                description="Write the synthetic multi-hop RAG benchmark.")
+    p = argparse.ArgumentParser(prog="ragtune data synth", description="Write the synthetic multi-hop RAG benchmark.")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--people", type=int, default=d.n_people)
@@ -315,15 +348,30 @@ def main_synth(argv=None) -> int:
     p.add_argument("--dev", type=int, default=d.n_dev)
     p.add_argument("--test", type=int, default=d.n_test)
     p.add_argument("--distractors", type=int, default=d.distractors_per_question)
-    p.add_argument("--mix", type=float, nargs=3, metavar=("SINGLE", "BRIDGE", "COMPARISON"),
-                   default=(d.frac_single, d.frac_bridge, d.frac_comparison))
+    p.add_argument(
+        "--mix",
+        type=float,
+        nargs=3,
+        metavar=("SINGLE", "BRIDGE", "COMPARISON"),
+        default=(d.frac_single, d.frac_bridge, d.frac_comparison),
+    )
     a = p.parse_args(argv)
     try:
-        cfg = SynthConfig(seed=a.seed, n_people=a.people, n_cities=a.cities,
-                          n_companies=a.companies, n_universities=a.universities,
-                          n_countries=a.countries, n_train=a.train, n_dev=a.dev, n_test=a.test,
-                          distractors_per_question=a.distractors, frac_single=a.mix[0],
-                          frac_bridge=a.mix[1], frac_comparison=a.mix[2])
+        cfg = SynthConfig(
+            seed=a.seed,
+            n_people=a.people,
+            n_cities=a.cities,
+            n_companies=a.companies,
+            n_universities=a.universities,
+            n_countries=a.countries,
+            n_train=a.train,
+            n_dev=a.dev,
+            n_test=a.test,
+            distractors_per_question=a.distractors,
+            frac_single=a.mix[0],
+            frac_bridge=a.mix[1],
+            frac_comparison=a.mix[2],
+        )
         data = write(cfg, a.out)
     except ValueError as e:
         p.error(str(e))

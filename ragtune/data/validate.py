@@ -4,15 +4,15 @@ Every bad row is reported as a Problem(file, line, field, message); nothing is
 ever silently fixed.  The file readers (loaders.py) and `ragtune data check`
 share these functions so both apply exactly the same rules.
 """
+
 from __future__ import annotations
 
-from typing import Container, Iterable, Mapping
+from typing import Container, Iterable, Mapping, Sequence
 
 from .schema import Passage, Problem, Question
 
 PASSAGE_FIELDS = ("id", "title", "text")
-QUESTION_FIELDS = ("id", "question", "answers", "gold_passage_ids",
-                   "candidate_passage_ids", "meta")
+QUESTION_FIELDS = ("id", "question", "answers", "gold_passage_ids", "candidate_passage_ids", "meta")
 
 
 def check_field_map(field_map: Mapping[str, str] | None) -> dict:
@@ -52,14 +52,12 @@ def _string_list(rec, fm, name, where, problems, required):
             problems.append(Problem(*where, key, "missing required field"))
         return None if required else []
     if not isinstance(v, (list, tuple)):
-        problems.append(Problem(*where, key,
-                                f"expected a list of strings, got {type(v).__name__}"))
+        problems.append(Problem(*where, key, f"expected a list of strings, got {type(v).__name__}"))
         return None
     bad = False
     for i, x in enumerate(v):
         if not isinstance(x, str):
-            problems.append(Problem(*where, key,
-                                    f"item {i} is {type(x).__name__}, expected a string"))
+            problems.append(Problem(*where, key, f"item {i} is {type(x).__name__}, expected a string"))
             bad = True
         elif not x.strip():
             problems.append(Problem(*where, key, f"item {i} is an empty string"))
@@ -70,9 +68,9 @@ def _string_list(rec, fm, name, where, problems, required):
     return None if bad else list(v)
 
 
-def passages_from_records(records: Iterable[tuple[int, dict]], file: str,
-                          field_map: Mapping[str, str] | None,
-                          problems: list) -> list[Passage]:
+def passages_from_records(
+    records: Iterable[tuple[int, dict]], file: str, field_map: Mapping[str, str] | None, problems: list
+) -> list[Passage]:
     """records: (line, dict) pairs. Appends problems; returns the valid passages."""
     fm = check_field_map(field_map)
     out, seen = [], {}
@@ -84,8 +82,9 @@ def passages_from_records(records: Iterable[tuple[int, dict]], file: str,
         text = _string(rec, fm, "text", where, problems)
         if pid is not None:
             if pid in seen:
-                problems.append(Problem(file, line, fm.get("id", "id"),
-                                        f"duplicate id {pid!r} (first at line {seen[pid]})"))
+                problems.append(
+                    Problem(file, line, fm.get("id", "id"), f"duplicate id {pid!r} (first at line {seen[pid]})")
+                )
             else:
                 seen[pid] = line
         if len(problems) == n:
@@ -93,10 +92,13 @@ def passages_from_records(records: Iterable[tuple[int, dict]], file: str,
     return out
 
 
-def questions_from_records(records: Iterable[tuple[int, dict]], file: str,
-                           field_map: Mapping[str, str] | None,
-                           known_ids: Container[str] | None,
-                           problems: list) -> list[Question]:
+def questions_from_records(
+    records: Iterable[tuple[int, dict]],
+    file: str,
+    field_map: Mapping[str, str] | None,
+    known_ids: Container[str] | None,
+    problems: list,
+) -> list[Question]:
     """Like passages_from_records; known_ids (e.g. a Corpus) enables id checks."""
     fm = check_field_map(field_map)
     out, seen = [], {}
@@ -113,21 +115,39 @@ def questions_from_records(records: Iterable[tuple[int, dict]], file: str,
             if ids[name] and known_ids is not None:
                 for pid in ids[name]:
                     if pid not in known_ids:
-                        problems.append(Problem(file, line, key,
-                                                f"unknown passage id {pid!r} (not in corpus)"))
+                        problems.append(Problem(file, line, key, f"unknown passage id {pid!r} (not in corpus)"))
             if ids[name] and len(set(ids[name])) != len(ids[name]):
                 problems.append(Problem(file, line, key, "repeated passage id"))
         mkey, meta = _get(rec, fm, "meta")
         if meta is not None and not isinstance(meta, dict):
-            problems.append(Problem(file, line, mkey,
-                                    f"expected an object, got {type(meta).__name__}"))
+            problems.append(Problem(file, line, mkey, f"expected an object, got {type(meta).__name__}"))
         if qid is not None:
             if qid in seen:
-                problems.append(Problem(file, line, fm.get("id", "id"),
-                                        f"duplicate id {qid!r} (first at line {seen[qid]})"))
+                problems.append(
+                    Problem(file, line, fm.get("id", "id"), f"duplicate id {qid!r} (first at line {seen[qid]})")
+                )
             else:
                 seen[qid] = line
         if len(problems) == n:
-            out.append(Question(qid, text, answers, ids["gold_passage_ids"],
-                                ids["candidate_passage_ids"], dict(meta or {})))
+            out.append(
+                Question(qid, text, answers, ids["gold_passage_ids"], ids["candidate_passage_ids"], dict(meta or {}))
+            )
     return out
+
+
+def split_overlap(splits: Mapping[str, Sequence[Question]], names: Mapping[str, str] | None = None) -> list:
+    """Problems for questions of dev/test that also occur in train (same id, or the same
+    normalised question text): a leak that inflates scores. `names` maps split -> file name."""
+    names = dict(names or {})
+    train = splits.get("train") or []
+    ids = {q.id for q in train}
+    texts = {" ".join(q.question.lower().split()) for q in train}
+    problems = []
+    for split in ("dev", "test"):
+        for i, q in enumerate(splits.get(split) or [], start=1):
+            where = names.get(split, split)
+            if q.id in ids:
+                problems.append((where, i, "id", f"question id {q.id!r} is also in the train split"))
+            elif " ".join(q.question.lower().split()) in texts:
+                problems.append((where, i, "question", f"question text of {q.id!r} is also in the train split"))
+    return problems

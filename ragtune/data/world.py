@@ -6,6 +6,7 @@ several paraphrase templates.  People share family names and places share name
 stems, so look-alike entities exist.  Everything is O(n) and driven only by the
 random.Random instances passed in, hence deterministic for a seed.
 """
+
 from __future__ import annotations
 
 import random
@@ -13,18 +14,26 @@ from dataclasses import dataclass
 
 from .names import NameGen
 from .schema import Passage
-from .templates import (COMPANY_SUFFIXES, HOBBIES, LANDMARKS, PASSAGE_TEMPLATES, PRODUCTS,
-                        PROFESSIONS, RELATIONS, UNIVERSITY_SUFFIXES)
+from .templates import (
+    COMPANY_SUFFIXES,
+    HOBBIES,
+    LANDMARKS,
+    PASSAGE_TEMPLATES,
+    PRODUCTS,
+    PROFESSIONS,
+    RELATIONS,
+    UNIVERSITY_SUFFIXES,
+)
 
 ENTITY_TYPES = ("person", "city", "company", "university", "country")
 
 
 @dataclass
 class World:
-    names: dict[str, list[str]]          # entity type -> names by index
-    facts: dict[str, list]               # relation -> object value by subject index
-    family: list[int]                    # person -> family (last name) index
-    families: list[list[int]]            # family index -> people
+    names: dict[str, list[str]]  # entity type -> names by index
+    facts: dict[str, list]  # relation -> object value by subject index
+    family: list[int]  # person -> family (last name) index
+    families: list[list[int]]  # family index -> people
     pids: dict[str, list[str]] | None = None  # relation -> passage id by subject index
 
     def obj_text(self, rel: str, subj: int) -> str:
@@ -65,20 +74,18 @@ def _people(n: int, rng: random.Random, used: set) -> tuple[list[str], list[int]
     return names, family, families
 
 
-def build_world(n_people: int, n_cities: int, n_companies: int, n_universities: int,
-                n_countries: int, rng: random.Random) -> World:
+def build_world(
+    n_people: int, n_cities: int, n_companies: int, n_universities: int, n_countries: int, rng: random.Random
+) -> World:
     used: set[str] = set()
     people, family, families = _people(n_people, rng, used)
     place = NameGen(rng, used)
     countries = [place.word() for _ in range(n_countries)]
     cities = [place.word(share_stem=0.3) for _ in range(n_cities)]
     org = NameGen(rng, used)
-    companies = [f"{org.word(share_stem=0.3)} {rng.choice(COMPANY_SUFFIXES)}"
-                 for _ in range(n_companies)]
-    universities = [f"{org.word()} {rng.choice(UNIVERSITY_SUFFIXES)}"
-                    for _ in range(n_universities)]
-    names = {"person": people, "city": cities, "company": companies,
-             "university": universities, "country": countries}
+    companies = [f"{org.word(share_stem=0.3)} {rng.choice(COMPANY_SUFFIXES)}" for _ in range(n_companies)]
+    universities = [f"{org.word()} {rng.choice(UNIVERSITY_SUFFIXES)}" for _ in range(n_universities)]
+    names = {"person": people, "city": cities, "company": companies, "university": universities, "country": countries}
     ri, rc = rng.randrange, rng.choice
     P, C, Y, U = range(n_people), range(n_companies), range(n_cities), range(n_universities)
     facts = {
@@ -102,14 +109,13 @@ def build_world(n_people: int, n_cities: int, n_companies: int, n_universities: 
     return World(names, facts, family, families)
 
 
-def render_passages(world: World, rng: random.Random,
-                    n_templates: int | None = None) -> list[Passage]:
+def render_passages(world: World, rng: random.Random, n_templates: int | None = None) -> list[Passage]:
     """One passage per fact, shuffled; fills world.pids. Ids are p00000, p00001, ..."""
     texts: list[tuple[str, str]] = []
     slots: list[tuple[str, int]] = []
     rand = rng.random  # faster than rng.choice, equally deterministic
     for rel, (stype, otype, _) in RELATIONS.items():
-        tpls = PASSAGE_TEMPLATES[rel][:n_templates or None]
+        tpls = PASSAGE_TEMPLATES[rel][: n_templates or None]
         k = len(tpls)
         onames = world.names.get(otype)
         for i, (s, v) in enumerate(zip(world.names[stype], world.facts[rel])):

@@ -1,10 +1,10 @@
 """Loaders: every bad row reported with file/line/field; json, parquet, HF round-trips."""
+
 import json
 
 import pytest
 
-from ragtune.data import (DataError, Passage, Question, load_hf, load_passages, load_questions,
-                          save_jsonl)
+from ragtune.data import DataError, Passage, Question, load_hf, load_passages, load_questions, save_jsonl
 
 
 def _lines(path, rows):
@@ -29,19 +29,22 @@ def _problems(fn, *args, **kw):
 
 
 def test_every_bad_question_row_is_reported(tmp_path, corpus):
-    f = _lines(tmp_path / "q.jsonl", [
-        GOOD_Q,                                                        # line 1 ok
-        {"id": "q2", "question": "", "answers": ["x"]},               # 2 empty question
-        {"id": "q3", "question": "Why?", "answers": []},              # 3 empty answers
-        {"id": "q4", "question": "Why?"},                             # 4 missing answers
-        {"id": "q5", "question": "Why?", "answers": "x"},             # 5 bare string
-        {"id": "q6", "question": "Why?", "answers": ["x", 3]},        # 6 non-string item
-        "{not json",                                                   # 7 malformed line
-        {"id": "q1", "question": "Again?", "answers": ["y"]},          # 8 duplicate id
-        {"id": "q9", "question": "W?", "answers": ["x"], "gold_passage_ids": ["p0", "zz"]},
-        {"question": "no id", "answers": ["x"]},                       # 10 missing id
-        {"id": 11, "question": "W?", "answers": ["x"]},                # 11 non-string id
-    ])
+    f = _lines(
+        tmp_path / "q.jsonl",
+        [
+            GOOD_Q,  # line 1 ok
+            {"id": "q2", "question": "", "answers": ["x"]},  # 2 empty question
+            {"id": "q3", "question": "Why?", "answers": []},  # 3 empty answers
+            {"id": "q4", "question": "Why?"},  # 4 missing answers
+            {"id": "q5", "question": "Why?", "answers": "x"},  # 5 bare string
+            {"id": "q6", "question": "Why?", "answers": ["x", 3]},  # 6 non-string item
+            "{not json",  # 7 malformed line
+            {"id": "q1", "question": "Again?", "answers": ["y"]},  # 8 duplicate id
+            {"id": "q9", "question": "W?", "answers": ["x"], "gold_passage_ids": ["p0", "zz"]},
+            {"question": "no id", "answers": ["x"]},  # 10 missing id
+            {"id": 11, "question": "W?", "answers": ["x"]},  # 11 non-string id
+        ],
+    )
     probs, err = _problems(load_questions, f, corpus)
     by_line = {line: (field, msg) for line, field, msg in probs}
     assert sorted(by_line) == [2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
@@ -68,18 +71,20 @@ def test_unknown_candidate_id_only_checked_with_corpus(tmp_path, corpus):
 
 
 def test_bad_passages_all_reported(tmp_path):
-    f = _lines(tmp_path / "c.jsonl", [
-        {"id": "a", "title": "A", "text": "ok"},
-        {"id": "b", "title": "B"},                 # 2 missing text
-        "",                                        # blank line: skipped, still counted
-        {"id": "a", "text": "dup"},                # 4 duplicate
-        {"title": "T", "text": "no id"},           # 5 missing id
-        {"id": "c", "title": 5, "text": "t"},      # 6 non-string title
-        [1, 2],                                    # 7 not an object
-    ])
+    f = _lines(
+        tmp_path / "c.jsonl",
+        [
+            {"id": "a", "title": "A", "text": "ok"},
+            {"id": "b", "title": "B"},  # 2 missing text
+            "",  # blank line: skipped, still counted
+            {"id": "a", "text": "dup"},  # 4 duplicate
+            {"title": "T", "text": "no id"},  # 5 missing id
+            {"id": "c", "title": 5, "text": "t"},  # 6 non-string title
+            [1, 2],  # 7 not an object
+        ],
+    )
     probs, _ = _problems(load_passages, f)
-    assert [(l, fld) for l, fld, _ in probs] == [(2, "text"), (4, "id"), (5, "id"),
-                                                  (6, "title"), (7, "<row>")]
+    assert [(line, fld) for line, fld, _ in probs] == [(2, "text"), (4, "id"), (5, "id"), (6, "title"), (7, "<row>")]
 
 
 def test_empty_file_is_an_error(tmp_path):
@@ -101,9 +106,16 @@ def test_json_list_round_trip_and_record_index(tmp_path, corpus):
 
 def test_parquet_round_trip_and_validation(tmp_path, corpus):
     pd = pytest.importorskip("pandas")
-    rows = [dict(GOOD_Q, meta={"kind": "single"}),
-            {"id": "q2", "question": "Why?", "answers": ["y"], "gold_passage_ids": ["p1", "p2"],
-             "meta": {"kind": "bridge"}}]
+    rows = [
+        dict(GOOD_Q, meta={"kind": "single"}),
+        {
+            "id": "q2",
+            "question": "Why?",
+            "answers": ["y"],
+            "gold_passage_ids": ["p1", "p2"],
+            "meta": {"kind": "bridge"},
+        },
+    ]
     pd.DataFrame(rows).to_parquet(tmp_path / "q.parquet")
     qs = load_questions(tmp_path / "q.parquet", corpus)
     assert [q.gold_passage_ids for q in qs] == [["p0"], ["p1", "p2"]]
@@ -112,12 +124,14 @@ def test_parquet_round_trip_and_validation(tmp_path, corpus):
     rows[0]["question"] = ""
     pd.DataFrame(rows).to_parquet(tmp_path / "bad.parquet")
     probs, _ = _problems(load_questions, tmp_path / "bad.parquet", corpus)
-    assert [(l, fld) for l, fld, _ in probs] == [(1, "question"), (2, "gold_passage_ids")]
+    assert [(line, fld) for line, fld, _ in probs] == [(1, "question"), (2, "gold_passage_ids")]
 
 
 def test_field_map(tmp_path):
-    f = _lines(tmp_path / "q.jsonl", [{"qid": "1", "query": "Who?", "answer": ["A"]},
-                                      {"qid": "2", "query": "Who?", "answer": "B"}])
+    f = _lines(
+        tmp_path / "q.jsonl",
+        [{"qid": "1", "query": "Who?", "answer": ["A"]}, {"qid": "2", "query": "Who?", "answer": "B"}],
+    )
     fm = {"id": "qid", "question": "query", "answers": "answer"}
     probs, _ = _problems(load_questions, f, field_map=fm)
     assert probs[0][:2] == (2, "answer")  # problem names the file's column
@@ -138,14 +152,19 @@ def test_save_jsonl_round_trip(tmp_path):
 
 def test_hf_save_to_disk_round_trip(tmp_path, corpus):
     datasets = pytest.importorskip("datasets")
-    rows = [dict(GOOD_Q, candidate_passage_ids=["p0", "p1"]),
-            {"id": "q2", "question": "W?", "answers": ["y"], "gold_passage_ids": ["p3"],
-             "candidate_passage_ids": []}]
+    rows = [
+        dict(GOOD_Q, candidate_passage_ids=["p0", "p1"]),
+        {"id": "q2", "question": "W?", "answers": ["y"], "gold_passage_ids": ["p3"], "candidate_passage_ids": []},
+    ]
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "hfq"))
     qs = load_hf(str(tmp_path / "hfq"), "train", "questions", corpus=corpus)
     assert [q.id for q in qs] == ["q1", "q2"] and qs[0].candidate_passage_ids == ["p0", "p1"]
-    datasets.DatasetDict({"test": datasets.Dataset.from_list(
-        [{"pid": "a", "title": "A", "body": "x"}, {"pid": "a", "title": "B", "body": "y"}])}
+    datasets.DatasetDict(
+        {
+            "test": datasets.Dataset.from_list(
+                [{"pid": "a", "title": "A", "body": "x"}, {"pid": "a", "title": "B", "body": "y"}]
+            )
+        }
     ).save_to_disk(str(tmp_path / "hfc"))
     with pytest.raises(DataError) as e:
         load_hf(str(tmp_path / "hfc"), "test", "passages", field_map={"id": "pid", "text": "body"})

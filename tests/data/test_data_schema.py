@@ -1,4 +1,5 @@
 """Schema objects: Corpus lookup, model-facing text, DataError formatting."""
+
 import pickle
 
 import pytest

@@ -1,4 +1,5 @@
 """Synthetic benchmark: determinism, gold/hop structure, pools, wording, scale, caching."""
+
 import json
 import random
 import re
@@ -67,7 +68,7 @@ def test_gold_passages_in_hop_order(default_data):
         elif kind == "bridge":
             first, second = gold
             assert q.answers[0] in second.text and q.answers[0] not in first.text
-            assert second.title in first.text            # hop 1's object is hop 2's subject
+            assert second.title in first.text  # hop 1's object is hop 2's subject
             assert first.title in q.question and second.title not in q.question
         else:
             assert len(gold) == 2 and gold[0].title != gold[1].title
@@ -84,8 +85,11 @@ def test_gold_passages_in_hop_order(default_data):
 
 
 def test_yes_no_answers_match_facts():
-    d = generate(SynthConfig(seed=2, n_people=40, n_train=200, n_dev=0, n_test=0,
-                             frac_single=0, frac_bridge=0, frac_comparison=1))
+    d = generate(
+        SynthConfig(
+            seed=2, n_people=40, n_train=200, n_dev=0, n_test=0, frac_single=0, frac_bridge=0, frac_comparison=1
+        )
+    )
     titles = {p.title for p in d.corpus}
     answers = Counter()
     for q in d.train:
@@ -108,9 +112,13 @@ def test_candidate_pools(default_data):
         assert len(pool) == len(q.gold_passage_ids) + 8
         assert all(pid in c for pid in pool)
     # distractors include other facts about the gold entities (hard negatives)
-    shared = sum(any(c.get(p).title in {c.get(g).title for g in q.gold_passage_ids}
-                     for p in set(q.candidate_passage_ids) - set(q.gold_passage_ids))
-                 for q in default_data.train)
+    shared = sum(
+        any(
+            c.get(p).title in {c.get(g).title for g in q.gold_passage_ids}
+            for p in set(q.candidate_passage_ids) - set(q.gold_passage_ids)
+        )
+        for q in default_data.train
+    )
     assert shared == len(default_data.train)
     # gold is not always first: pools are shuffled
     assert len({q.candidate_passage_ids.index(q.gold_passage_ids[0]) for q in default_data.train}) > 5
@@ -129,14 +137,24 @@ def test_questions_do_not_copy_passage_wording(default_data):
 
     def grams(text):
         toks = re.findall(r"[a-z0-9]+", text.lower())
-        return {tuple(toks[i:i + 3]) for i in range(len(toks) - 2)
-                if not any(t in ents or t.isdigit() for t in toks[i:i + 3])}
+        return {
+            tuple(toks[i : i + 3])
+            for i in range(len(toks) - 2)
+            if not any(t in ents or t.isdigit() for t in toks[i : i + 3])
+        }
 
     born = next(p.text for p in c if " came into the world in " in p.text)
-    assert grams(born) == {("came", "into", "the"), ("into", "the", "world"),
-                           ("the", "world", "in")}  # the check sees template wording only
-    shared = {(q.meta["relation"], g) for q in _all(default_data)
-              for pid in q.gold_passage_ids for g in grams(q.question) & grams(c.get(pid).text)}
+    assert grams(born) == {
+        ("came", "into", "the"),
+        ("into", "the", "world"),
+        ("the", "world", "in"),
+    }  # the check sees template wording only
+    shared = {
+        (q.meta["relation"], g)
+        for q in _all(default_data)
+        for pid in q.gold_passage_ids
+        for g in grams(q.question) & grams(c.get(pid).text)
+    }
     assert shared == set()
 
 
@@ -170,13 +188,18 @@ def test_load_synth_caches_and_validates(tmp_path, monkeypatch):
     assert [q.question for q in d.test] == [q.question for q in generate(SMALL).test]
     assert len(list(tmp_path.iterdir())) == 1
     import ragtune.data.synth as synth
+
     monkeypatch.setattr(synth, "write", lambda *a: pytest.fail("regenerated"))
     assert load_synth(SMALL, tmp_path).corpus.ids == d.corpus.ids
 
 
 def test_main_synth(tmp_path, capsys):
-    assert main_synth(["--out", str(tmp_path), "--seed", "3", "--people", "12",
-                       "--train", "10", "--dev", "4", "--test", "4"]) == 0
+    assert (
+        main_synth(
+            ["--out", str(tmp_path), "--seed", "3", "--people", "12", "--train", "10", "--dev", "4", "--test", "4"]
+        )
+        == 0
+    )
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["config"]["seed"] == 3 and meta["counts"]["dev"]["total"] == 4
     assert "wrote" in capsys.readouterr().out
