@@ -67,6 +67,7 @@ def run_case(cfg_file: str, name: str, phase_name: str, steps: int):
 
     def framework():
         rag.load_state_dict(init)
+        torch.manual_seed(0)  # the same dropout masks in both loops
         trainer.sampler = BatchSampler(len(data.train), cfg.train.batch_size, cfg.train.seed)
         opt, sched, s = trainer._start_phase(phase, steps)
         rag.set_modes(phase.trains)
@@ -81,6 +82,7 @@ def run_case(cfg_file: str, name: str, phase_name: str, steps: int):
 
     def hand_written():
         rag.load_state_dict(init)
+        torch.manual_seed(0)
         sampler = BatchSampler(len(data.train), cfg.train.batch_size, cfg.train.seed)
         for p in rag.parameters():
             p.requires_grad_(False)

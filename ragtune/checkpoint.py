@@ -9,7 +9,6 @@ strict: a key missing from the checkpoint, or one the pipeline does not have, is
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Optional
@@ -17,7 +16,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ragtune import rundir
+from ragtune import fileio, rundir
 
 
 def rng_state() -> dict:
@@ -89,14 +88,12 @@ class Checkpointer:
             "ledger": rag.ledger.state_dict(),
             "strategy_extra": rag.strategy.extra_state(),
         }
-        tmp = self.latest.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.latest)
+        fileio.save_torch(state, self.latest)
 
     def load_latest(self) -> Optional[dict]:
         if not self.latest.exists():
             return None
-        return torch.load(self.latest, map_location="cpu", weights_only=False)
+        return fileio.load_torch(self.latest)
 
     def restore(self, state: dict, rag, sampler) -> None:
         expected = trained_weights(rag, self.components).keys()

@@ -8,7 +8,9 @@
   ragtune experiment EXPERIMENT.yaml [out=DIR] [key=value...]
   ragtune compare DIR... [--metric em] [--format md|csv] [--plot FILE.png]
 
-Exit codes: 0 ok, 1 failed run or bad data, 2 bad configuration, 3 diverged run, 130 interrupted.
+Exit codes: 0 ok, 1 failed run or bad data (or an unreadable file), 2 bad configuration,
+3 diverged run, 75 run directory busy (another process trains it), 130 interrupted.
+Errors are one line; `--debug` (or RAGTUNE_DEBUG=1) adds the traceback.
 """
 
 from __future__ import annotations
@@ -47,12 +49,14 @@ def cmd_train(args: List[str]) -> int:
     except (ValueError, RuntimeError, OSError) as e:
         from ragtune.config import ConfigError
         from ragtune.data import DataError
+        from ragtune.fileio import Busy, CorruptFile
         from ragtune.modelzoo import ModelLoadError
 
-        if isinstance(e, (ConfigError, DataError, ModelLoadError)):
+        if isinstance(e, (ConfigError, DataError, ModelLoadError, CorruptFile, Busy)):
             raise
-        result = failed_result(cfg, e)
-        print(result["traceback"], file=sys.stderr)
+        result = failed_result(cfg, e)  # the traceback is kept in the result
+        if debug():
+            print(result["traceback"], file=sys.stderr)
     if result.get("secondary_process"):
         return exit_code(result)
     _print_result(result)
@@ -102,10 +106,14 @@ def cmd_eval(args: List[str]) -> int:
 def cmd_list(args: List[str]) -> int:
     from ragtune.strategies import REGISTRY
 
-    print(f"{'strategy':<14} {'labels':<7} {'trains':<40} summary")
-    for name, cls in sorted(REGISTRY.items()):
-        labels = "yes" if cls.needs_labels else "no"
-        print(f"{name:<14} {labels:<7} {cls.trains_description():<40} {cls.summary}")
+    rows = [
+        (name, "yes" if cls.needs_labels else "no", cls.trains_description(), cls.summary)
+        for name, cls in sorted(REGISTRY.items())
+    ]  # from the declarations alone: no model is built
+    w = max(len("trains"), *(len(r[2]) for r in rows))
+    print(f"{'strategy':<14} {'labels':<7} {'trains':<{w}} summary")
+    for name, labels, trains, summary in rows:
+        print(f"{name:<14} {labels:<7} {trains:<{w}} {summary}")
     return 0
 
 
@@ -162,14 +170,23 @@ COMMANDS = {
 }
 
 
+def debug() -> bool:
+    return os.environ.get("RAGTUNE_DEBUG", "") not in ("", "0")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:
+        argv.remove("--debug")
+        os.environ["RAGTUNE_DEBUG"] = "1"
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     from ragtune.config import ConfigError
     from ragtune.data import DataError
+    from ragtune.fileio import Busy, CorruptFile
     from ragtune.modelzoo import ModelLoadError
+    from ragtune.rundir import EXIT
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no weight-loading progress bars
 
@@ -183,6 +200,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     except DataError as e:
         print(f"error: bad data:\n{e}", file=sys.stderr)
+        return 1
+    except CorruptFile as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Busy as e:
+        print(f"error: {e}; it is skipped here (re-run when that process has finished)", file=sys.stderr)
+        return EXIT["busy"]
+    except Exception as e:  # a bug, not a bad input: one line unless --debug
+        if debug():
+            raise
+        print(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
         return 1
 
 

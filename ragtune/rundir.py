@@ -23,6 +23,8 @@ import traceback
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Union
 
+from ragtune import fileio
+
 PathLike = Union[str, Path]
 
 CONFIG = "config.yaml"
@@ -34,9 +36,10 @@ FINAL = "final.pt"
 RESULT = "result.json"
 SCORES = "scores.json"
 LOG = "log.txt"
+LOCK = "train.lock"  # flock-ed by the process training the directory (released by the OS at its death)
 
 # exit codes of `ragtune train`/`eval`; the first three are result.json statuses
-EXIT = {"ok": 0, "failed": 1, "bad config": 2, "diverged": 3, "interrupted": 130}
+EXIT = {"ok": 0, "failed": 1, "bad config": 2, "diverged": 3, "busy": 75, "interrupted": 130}
 STATUS_EXIT = {s: EXIT[s] for s in ("ok", "failed", "diverged")}
 FINAL_STATUSES = ("ok", "diverged")  # deterministic: re-running would give the same outcome
 
@@ -92,16 +95,18 @@ def exit_code(result: dict) -> int:
     return STATUS_EXIT.get(result.get("status", "failed"), EXIT["failed"])
 
 
+def lock(d: PathLike) -> fileio.DirLock:
+    """The lock that makes one trainer per run directory."""
+    return fileio.DirLock(d, LOCK)
+
+
 # ---- result.json ----------------------------------------------------------------------------------
 def read_result(d: PathLike) -> Optional[dict]:
     """result.json's content, None if there is none. Raises ValueError if it is unreadable."""
     p = result_path(d)
     if not p.exists():
         return None
-    try:
-        return json.loads(p.read_text())
-    except ValueError as e:
-        raise ValueError(f"unreadable {RESULT} in {d}: {e}") from e
+    return fileio.load_json(p)
 
 
 def finished_result(d: PathLike) -> Optional[dict]:
@@ -117,11 +122,9 @@ def finished_result(d: PathLike) -> Optional[dict]:
 
 
 def write_result(d: PathLike, result: Dict[str, object]) -> None:
-    """Atomically (a kill never leaves a torn result.json: it is the 'finished' marker)."""
-    p = result_path(d)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=float))
-    tmp.replace(p)
+    """Atomically (a kill never leaves a torn result.json: it is the 'finished' marker); strict
+    JSON (a non-finite number is written as null)."""
+    fileio.write_json(result_path(d), result)
 
 
 def failed_result(cfg, err: BaseException) -> Dict[str, object]:
@@ -148,21 +151,17 @@ def failed_result(cfg, err: BaseException) -> Dict[str, object]:
 # ---- final.pt, config.yaml ------------------------------------------------------------------------
 def read_final(d: PathLike, key: str = "") -> dict:
     """final.pt of a finished run: weights, index and data position (the error names `key`)."""
-    import torch
-
     from ragtune.config import ConfigError
 
     src = final_path(d)
     if not src.exists():
         where = f"config key '{key}': " if key else ""
         raise ConfigError(f"{where}no {FINAL} in {d} (the run did not finish successfully)")
-    return torch.load(src, map_location="cpu", weights_only=False)
+    return fileio.load_torch(src)
 
 
 def write_final(d: PathLike, final: dict) -> None:
-    import torch
-
-    torch.save(final, final_path(d))
+    fileio.save_torch(final, final_path(d))
 
 
 def read_config(d: PathLike):
@@ -194,9 +193,7 @@ def init_chain(d: PathLike) -> List[Path]:
 
 # ---- evaluation files -----------------------------------------------------------------------------
 def write_predictions(d: PathLike, split: str, rows: Iterable[dict]) -> None:
-    with open(predictions_path(d, split), "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    fileio.write_text(predictions_path(d, split), "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def read_predictions(d: PathLike, split: str) -> Optional[List[dict]]:
@@ -208,16 +205,13 @@ def read_predictions(d: PathLike, split: str) -> Optional[List[dict]]:
 
 
 def write_scores(d: PathLike, scores: Dict[str, object]) -> None:
-    scores_path(d).write_text(json.dumps(scores, indent=2, default=float))
+    fileio.write_json(scores_path(d), scores)
 
 
 def read_scores(d: PathLike) -> Dict[str, dict]:
-    """scores.json ({split: scores}) of a later `ragtune eval`; {} if absent or unreadable."""
+    """scores.json ({split: scores}) of a later `ragtune eval`; {} if absent (CorruptFile if torn)."""
     p = scores_path(d)
-    try:
-        return json.loads(p.read_text()) if p.exists() else {}
-    except ValueError:
-        return {}
+    return fileio.load_json(p) if p.exists() else {}
 
 
 def scores_fresh(d: PathLike, split: str) -> bool:

@@ -218,6 +218,10 @@ class Strategy(nn.Module):
     def trains_description(cls) -> str:
         """What the strategy trains and owns, from its declaration alone (no models are built)."""
         s = cls()
-        out = ", ".join(s.trained_components()) or "nothing"
+        phases = s.phases()
+        if len(phases) > 1:
+            out = " -> ".join(f"{p.name}: {'+'.join(sorted(p.trains))}" for p in phases)
+        else:
+            out = ", ".join(s.trained_components()) or "nothing"
         frozen = [p.name for p in s.parts() if not p.trainable]
         return out + (f" (+ frozen {', '.join(frozen)})" if frozen else "")

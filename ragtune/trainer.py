@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ragtune import rundir
+from ragtune import fileio, rundir
 from ragtune.checkpoint import Checkpointer, prefix, saved_components
 from ragtune.config import ConfigError
 from ragtune.evaluate import evaluate
@@ -359,5 +359,15 @@ class Trainer:
         """On resume, drop log lines written after the checkpoint we restart from."""
         if not self.metrics_path.exists():
             return
-        keep = [ln for ln in self.metrics_path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
-        self.metrics_path.write_text("".join(ln + "\n" for ln in keep))
+        keep, torn = [], 0
+        for ln in self.metrics_path.read_text(errors="replace").splitlines():
+            try:
+                row = json.loads(ln) if ln.strip() else None
+            except ValueError:  # a line torn by a kill: dropped, and said
+                torn += 1
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                keep.append(ln)
+        if torn:
+            print(f"{self.metrics_path}: dropped {torn} torn line(s) written by an interrupted run", flush=True)
+        fileio.write_text(self.metrics_path, "".join(ln + "\n" for ln in keep))

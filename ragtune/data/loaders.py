@@ -23,13 +23,25 @@ def read_records(path: str | os.PathLike, problems: list) -> Iterator[tuple[int,
     """Yield (line, record) for every object in the file; bad rows become problems."""
     path = str(path)
     suffix = Path(path).suffix.lower()
+    if not Path(path).is_file():
+        problems.append(Problem(path, 0, "<file>", "file not found"))
+        return
+    if suffix not in FORMATS:
+        problems.append(
+            Problem(path, 0, "<file>", f"unsupported format {suffix!r}; expected one of {', '.join(FORMATS)}")
+        )
+        return
     if suffix == ".jsonl":
         yield from _jsonl(path, problems)
         return
     if suffix == ".json":
+        raw = Path(path).read_bytes()
         try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            problems.append(Problem(path, line, "<text>", f"not UTF-8 (byte 0x{raw[e.start]:02x})"))
+            return
         except json.JSONDecodeError as e:
             problems.append(Problem(path, e.lineno, "<json>", f"malformed JSON: {e.msg}"))
             return
@@ -39,14 +51,17 @@ def read_records(path: str | os.PathLike, problems: list) -> Iterator[tuple[int,
         rows: Iterable[Any] = data
     elif suffix == ".parquet":
         rows = _parquet(path)
-    else:
-        raise ValueError(f"{path}: unsupported format {suffix!r}; expected one of {FORMATS}")
     yield from _objects(path, rows, problems)
 
 
 def _jsonl(path: str, problems: list) -> Iterator[tuple[int, dict]]:
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                problems.append(Problem(path, line_no, "<text>", f"not UTF-8 (byte 0x{raw[e.start]:02x})"))
+                continue
             if not line.strip():
                 continue
             try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import subprocess
 import sys
 import time
@@ -45,7 +46,20 @@ def execute(job: Job, extra_env: Optional[Dict[str, str]] = None) -> int:
     with open(job.log, "a") as log:
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(job.cmd)}\n")
         log.flush()
-        return subprocess.run(job.cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        return subprocess.run(
+            job.cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent
+        ).returncode
+
+
+def _die_with_parent() -> None:
+    """In the child (Linux): SIGTERM when the launching runner dies, even by `kill -9`, so no
+    orphaned trainer keeps training a run directory (it resumes from its checkpoint next time)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: a re-run waits on the run directory's lock instead
+        pass
 
 
 def visible_gpus() -> List[str]:

@@ -14,6 +14,7 @@ must produce identical rows and tables.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import platform
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import Dict, List, Optional, Sequence
 
+from ragtune import fileio
 from ragtune.experiment.records import FLOP_KINDS, devices, sum_costs
 from ragtune.experiment.stats import bootstrap_ci, per_question
 from ragtune.metrics import NORMALIZATION, get_metric
@@ -129,11 +131,13 @@ def columns(rows: Sequence[dict]) -> List[str]:
 
 
 def write_csv(path: Path, rows: Sequence[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns(rows))
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: cell(v) for k, v in r.items()})
+    """Written whole, then renamed into place: a kill never leaves a torn leaderboard."""
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=columns(rows))
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: cell(v) for k, v in r.items()})
+    fileio.write_text(path, buf.getvalue())
 
 
 def cell(v):
@@ -143,8 +147,21 @@ def cell(v):
 
 
 def read_csv(path: Path) -> List[dict]:
+    """Rows of a leaderboard CSV; a torn or ragged row is a CorruptFile naming the file and line."""
     with open(path, newline="") as f:
-        return [dict(r) for r in csv.DictReader(f)]
+        text = f.read()
+    if text and not text.endswith("\n"):
+        raise fileio.CorruptFile(f"{path}: unreadable CSV (the last line is incomplete)")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    if header is None:
+        raise fileio.CorruptFile(f"{path}: unreadable CSV (empty)")
+    rows = []
+    for line, fields in enumerate(reader, start=2):
+        if len(fields) != len(header):
+            raise fileio.CorruptFile(f"{path}:{line}: unreadable CSV ({len(fields)} fields, header has {len(header)})")
+        rows.append(dict(zip(header, fields)))
+    return rows
 
 
 def fmt_score(r: dict, split: str, metric: str) -> str:
@@ -296,4 +313,4 @@ def write_leaderboard(
         md += ["", "## Strategies without a result", ""] + [
             f"- {r['strategy']}: {r['status']}: {r.get('reason', '')}" for r in failed
         ]
-    (out / "leaderboard.md").write_text("\n".join(md) + "\n")
+    fileio.write_text(out / "leaderboard.md", "\n".join(md) + "\n")

@@ -96,6 +96,11 @@ class Progress:
         with self._lock:
             self.total -= n
 
+    def unfinish(self, n: int) -> None:
+        """`n` runs counted as finished turned out to be running elsewhere: they will finish again."""
+        with self._lock:
+            self.done -= n
+
     def counter(self) -> str:
         """' 3/13': runs done of total, padded to the width of the total."""
         return f"{self.done:>{len(str(self.total))}}/{self.total}"

@@ -13,13 +13,13 @@ is recorded with its reason and the grid goes on. Progress: experiment.progress.
 
 from __future__ import annotations
 
-import json
+import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from omegaconf import OmegaConf
 
-from ragtune import rundir
+from ragtune import fileio, rundir
 from ragtune.config import load_config
 from ragtune.experiment.grid import RunSpec, StrategyPlan, make_plan, select, stage_runs
 from ragtune.experiment.launchers import Job, make_launcher, ragtune_cmd
@@ -40,7 +40,7 @@ def run_experiment(spec, launcher=None, echo: Optional[Callable[[str], None]] = 
     names = strategy_names(spec)
     plans = {n: make_plan(spec, n) for n in names}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "experiment.yaml").write_text(OmegaConf.to_yaml(spec))
+    fileio.write_text(out / "experiment.yaml", OmegaConf.to_yaml(spec))
     own = launcher is None
     launcher = launcher or make_launcher(spec)
     progress = Progress(sum(p.n_runs(len(spec.seeds)) for p in plans.values()), getattr(launcher, "width", 1), echo)
@@ -105,6 +105,8 @@ class Runner:
         best = select([r.spec for r in recs], {r.spec.run_dir: r.score("dev", self.metric) for r in recs}, self.higher)
         return [self.records[s.run_dir] for s in best] if best else None
 
+    poll_seconds = 1.0  # how often a run that is running elsewhere is checked
+
     def run_wave(self, specs: List[RunSpec]) -> None:
         jobs, by_key = [], {}
         for s in specs:
@@ -134,6 +136,15 @@ class Runner:
                     rec = RunRecord(s, "interrupted", f"stopped before {rundir.RESULT}; a re-run resumes it", None)
                 self.records[key] = rec
             raise
+        busy = [s for s in by_key.values() if self.records[s.run_dir].status == "busy"]
+        if busy:  # another process (a second runner, an orphaned trainer) trains them: wait, then pick up
+            self.progress.line(
+                f"{len(busy)} run(s) running elsewhere; waiting for them: " + ", ".join(_label(s) for s in busy)
+            )
+            while any(rundir.lock(s.run_dir).held_elsewhere() for s in busy):
+                time.sleep(self.poll_seconds)
+            self.progress.unfinish(len(busy))
+            self.run_wave(busy)  # finished there: read back; else resumed here from its checkpoint
 
     def _warn_stale(self, s: RunSpec, cfg) -> None:
         saved = rundir.read_config(s.run_dir)
@@ -284,8 +295,8 @@ class Runner:
             sp.launcher,
             self.higher,
         )
-        (self.out / "selected.json").write_text(
-            json.dumps({"experiment": sp.name, "metric": self.metric, "strategies": selected}, indent=2, default=float)
+        fileio.write_json(
+            self.out / "selected.json", {"experiment": sp.name, "metric": self.metric, "strategies": selected}
         )
         return rows
 

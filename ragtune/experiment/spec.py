@@ -22,7 +22,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ragtune.components import BUILTIN_COMPONENTS
-from ragtune.config import ConfigError, load_structured
+from ragtune.config import ConfigError, load_structured, parse_overrides, read_yaml
 
 
 @dataclass
@@ -70,11 +70,9 @@ def load_experiment(path: str, overrides: List[str] = ()) -> ExperimentSpec:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"experiment file not found: {path}")
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise ConfigError(f"override '{bad[0]}' is not of the form key=value")
+    loaded, over = read_yaml(p), parse_overrides(list(overrides))  # malformed, non-UTF-8, a list: exit 2
     try:
-        raw = OmegaConf.merge(OmegaConf.load(p), OmegaConf.from_dotlist(list(overrides)))
+        raw = OmegaConf.merge(loaded, over)
     except OmegaConfBaseException as e:
         raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from e
     try:

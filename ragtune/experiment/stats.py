@@ -33,9 +33,10 @@ def bootstrap_ci(
 def paired_permutation_test(a: Sequence[float], b: Sequence[float], samples: int = 10000, seed: int = 0) -> float:
     """Two-sided p-value for mean(a - b) = 0 under random sign flips of the paired differences.
     Exact (all 2^n flips) for n <= 16 non-zero differences; else `samples` seeded flips (+1 smoothing)."""
-    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    if d.shape != np.asarray(b).shape:
-        raise ValueError("paired test needs equally long score lists")
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.ndim != 1 or a.shape != b.shape:  # never broadcast a 1-element list against a longer one
+        raise ValueError(f"paired test needs two equally long 1-D score lists, got {a.shape} and {b.shape}")
+    d = a - b
     d = d[d != 0]
     if d.size == 0:
         return 1.0

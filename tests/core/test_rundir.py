@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from ragtune import rundir
+from ragtune import fileio, rundir
 from ragtune.config import ConfigError
 
 
@@ -74,7 +74,8 @@ def test_scores_freshness_and_all_scores(tmp_path):
     _touch(rundir.scores_path(tmp_path), 1_000_000)  # scores older than a re-trained result
     assert not rundir.scores_fresh(tmp_path, "test") and "test" not in rundir.all_scores(tmp_path)
     rundir.scores_path(tmp_path).write_text("{torn")
-    assert rundir.read_scores(tmp_path) == {}
+    with pytest.raises(fileio.CorruptFile, match="scores.json"):  # named, never silently empty
+        rundir.read_scores(tmp_path)
 
 
 def test_metrics_tail_reads_the_last_training_row(tmp_path):

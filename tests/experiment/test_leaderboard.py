@@ -41,6 +41,9 @@ def test_paired_test_identical_vs_different():
     assert paired_permutation_test([1, 1, 1, 0], [0, 0, 0, 0]) == pytest.approx(0.25)
     with pytest.raises(ValueError):
         paired_permutation_test([1, 0], [1, 0, 1])
+    for short, long in (([1.0], [1.0, 0.0, 1.0]), ([1.0, 0.0, 1.0], [1.0])):  # never broadcast one element
+        with pytest.raises(ValueError, match="equally long"):
+            paired_permutation_test(short, long)
 
 
 def _run(tmp_path, name, ems, em_dev, flops):
