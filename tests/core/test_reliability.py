@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from ragtune import cli, fileio, rundir, run
+from ragtune import cli, fileio, run, rundir
 from ragtune.experiment.leaderboard import read_csv, write_csv
 
 from helpers import ROOT, TINY, cache_dir, step_lines, tiny_cfg
