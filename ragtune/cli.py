@@ -122,9 +122,7 @@ def cmd_data(args: List[str]) -> int:
         print("usage: ragtune data synth --out DIR [--seed N] ... | ragtune data check FILE...", file=sys.stderr)
         return 2
     if args[0] == "synth":
-        from ragtune.data.synth import main_synth
-
-        return main_synth(args[1:]) or 0
+        return cmd_data_synth(args[1:])
     from ragtune.data.check import main_check
 
     parser = argparse.ArgumentParser(prog="ragtune data check")
@@ -132,6 +130,54 @@ def cmd_data(args: List[str]) -> int:
     parser.add_argument("--corpus", default=None, help="corpus file to resolve passage ids against")
     ns = parser.parse_args(args[1:])
     return main_check(ns.files, ns.corpus)
+
+
+def cmd_data_synth(args: List[str]) -> int:
+    """`ragtune data synth --out DIR [--seed N] [--people N] ...`: write the synthetic benchmark."""
+    import json
+
+    from ragtune.data.synth import SynthConfig, stats, write
+
+    d = SynthConfig()
+    p = argparse.ArgumentParser(prog="ragtune data synth", description="Write the synthetic multi-hop RAG benchmark.")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--people", type=int, default=d.n_people)
+    for f in ("cities", "companies", "universities", "countries"):
+        p.add_argument(f"--{f}", type=int, default=None, help="default: derived from --people")
+    p.add_argument("--train", type=int, default=d.n_train)
+    p.add_argument("--dev", type=int, default=d.n_dev)
+    p.add_argument("--test", type=int, default=d.n_test)
+    p.add_argument("--distractors", type=int, default=d.distractors_per_question)
+    p.add_argument(
+        "--mix",
+        type=float,
+        nargs=3,
+        metavar=("SINGLE", "BRIDGE", "COMPARISON"),
+        default=(d.frac_single, d.frac_bridge, d.frac_comparison),
+    )
+    a = p.parse_args(args)
+    try:
+        cfg = SynthConfig(
+            seed=a.seed,
+            n_people=a.people,
+            n_cities=a.cities,
+            n_companies=a.companies,
+            n_universities=a.universities,
+            n_countries=a.countries,
+            n_train=a.train,
+            n_dev=a.dev,
+            n_test=a.test,
+            distractors_per_question=a.distractors,
+            frac_single=a.mix[0],
+            frac_bridge=a.mix[1],
+            frac_comparison=a.mix[2],
+        )
+        data = write(cfg, a.out)
+    except ValueError as e:
+        p.error(str(e))
+    print(f"wrote {a.out}: {json.dumps(stats(data))}")
+    return 0
 
 
 def cmd_experiment(args: List[str]) -> int:

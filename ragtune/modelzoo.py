@@ -188,7 +188,7 @@ def load_hf(name: str, key: str, causal: bool):
     if looks_local_path(name) and not path.exists():
         raise ModelLoadError(f"config key '{key}': model path not found: {name}")
     src = str(path) if path.exists() else name
-    if src == name and os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") and not _in_hub_cache(name):
+    if not path.exists() and os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") and not _in_hub_cache(name):
         raise ModelLoadError(
             f"config key '{key}': model path not found: {name} (no such local folder, and not "
             "in the hub cache while HF_HUB_OFFLINE is set)"

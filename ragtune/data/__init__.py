@@ -3,7 +3,7 @@
 from .check import check_files, main_check
 from .loaders import load_hf, load_passages, load_questions, load_rag_dir, read_records, save_jsonl
 from .schema import Corpus, DataError, Passage, Problem, Question, RAGData, passage_text
-from .synth import SynthConfig, generate, load_synth, main_synth, stats, write
+from .synth import SynthConfig, generate, load_synth, stats, write
 
 __all__ = [
     "Corpus",
@@ -25,6 +25,5 @@ __all__ = [
     "generate",
     "write",
     "load_synth",
-    "main_synth",
     "stats",
 ]

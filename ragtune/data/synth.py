@@ -9,7 +9,6 @@ pool of gold + distractors.  Same config -> identical output; O(n) in size.
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import dataclasses
 import gc
@@ -333,47 +332,3 @@ def load_synth(cfg: SynthConfig | None = None, cache_dir=None) -> RAGData:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return load_rag_dir(final)
-
-
-def main_synth(argv=None) -> int:
-    """`ragtune data synth --out DIR [--seed N] [--people N] ...`"""
-    d = SynthConfig()
-    p = argparse.ArgumentParser(prog="ragtune data synth", description="Write the synthetic multi-hop RAG benchmark.")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--people", type=int, default=d.n_people)
-    for f in ("cities", "companies", "universities", "countries"):
-        p.add_argument(f"--{f}", type=int, default=None, help="default: derived from --people")
-    p.add_argument("--train", type=int, default=d.n_train)
-    p.add_argument("--dev", type=int, default=d.n_dev)
-    p.add_argument("--test", type=int, default=d.n_test)
-    p.add_argument("--distractors", type=int, default=d.distractors_per_question)
-    p.add_argument(
-        "--mix",
-        type=float,
-        nargs=3,
-        metavar=("SINGLE", "BRIDGE", "COMPARISON"),
-        default=(d.frac_single, d.frac_bridge, d.frac_comparison),
-    )
-    a = p.parse_args(argv)
-    try:
-        cfg = SynthConfig(
-            seed=a.seed,
-            n_people=a.people,
-            n_cities=a.cities,
-            n_companies=a.companies,
-            n_universities=a.universities,
-            n_countries=a.countries,
-            n_train=a.train,
-            n_dev=a.dev,
-            n_test=a.test,
-            distractors_per_question=a.distractors,
-            frac_single=a.mix[0],
-            frac_bridge=a.mix[1],
-            frac_comparison=a.mix[2],
-        )
-        data = write(cfg, a.out)
-    except ValueError as e:
-        p.error(str(e))
-    print(f"wrote {a.out}: {json.dumps(stats(data))}")
-    return 0

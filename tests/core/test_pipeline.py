@@ -354,3 +354,30 @@ def test_retriever_tokenizer_is_deterministic(built):
     texts = [data.corpus.passage_text(p) for p in data.corpus] + [q.question for q in data.train]
     vocabs = [sorted(modelzoo.train_wordpiece(texts, 400).get_vocab().items()) for _ in range(3)]
     assert vocabs[0] == vocabs[1] == vocabs[2]
+
+
+def test_local_model_folders_load_offline(tmp_path):
+    """A saved HF folder loads by path with HF_HUB_OFFLINE=1 (the conftest sets it), for both models;
+    a missing one is "path not found" naming the key."""
+    from omegaconf import OmegaConf
+
+    from ragtune.config import TinyModel
+    from ragtune.modelzoo import ModelLoadError, load_hf, tiny_decoder, tiny_encoder, train_bpe, train_wordpiece
+
+    texts = ["Ann was born in Oslo.", "Bob works for Acme."] * 20
+    t = OmegaConf.structured(TinyModel(hidden=16, layers=1, heads=2, intermediate=32, vocab_size=200))
+    for kind, tok, model, causal in (
+        ("enc", train_wordpiece(texts, 200), tiny_encoder, False),
+        ("dec", train_bpe(texts, 200), tiny_decoder, True),
+    ):
+        folder = tmp_path / kind
+        m = model(t, tok, 0)
+        m.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        loaded, _ = load_hf(str(folder), "generator.model", causal=causal)
+        got = loaded.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in m.state_dict().items())  # the saved weights, by path
+    with pytest.raises(ModelLoadError, match="'generator.model': model path not found"):
+        load_hf(str(tmp_path / "missing"), "generator.model", causal=True)
+    with pytest.raises(ModelLoadError, match="not in the hub cache"):
+        load_hf("someorg/some-model-not-cached", "generator.model", causal=True)

@@ -8,7 +8,8 @@ from collections import Counter
 
 import pytest
 
-from ragtune.data import SynthConfig, check_files, generate, load_synth, main_synth, stats, write
+from ragtune import cli
+from ragtune.data import SynthConfig, check_files, generate, load_synth, stats, write
 from ragtune.data.names import NameGen
 from ragtune.data.templates import COMPARISONS
 from ragtune.data.world import build_world
@@ -195,8 +196,23 @@ def test_load_synth_caches_and_validates(tmp_path, monkeypatch):
 
 def test_main_synth(tmp_path, capsys):
     assert (
-        main_synth(
-            ["--out", str(tmp_path), "--seed", "3", "--people", "12", "--train", "10", "--dev", "4", "--test", "4"]
+        cli.main(
+            [
+                "data",
+                "synth",
+                "--out",
+                str(tmp_path),
+                "--seed",
+                "3",
+                "--people",
+                "12",
+                "--train",
+                "10",
+                "--dev",
+                "4",
+                "--test",
+                "4",
+            ]
         )
         == 0
     )
