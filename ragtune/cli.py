@@ -2,7 +2,7 @@
 
   ragtune train CONFIG.yaml... [key=value...]    train + evaluate one run (run_dir=DIR picks the folder)
   ragtune eval RUN_DIR... [key=value...]         re-evaluate finished runs (eval.splits=[test], ...)
-  ragtune list                                   strategies, what they train, whether they need labels
+  ragtune list [NAME|module:Class...]            strategies, what they train, whether they need labels
   ragtune data synth --out DIR [--seed N] ...    write the synthetic benchmark
   ragtune data check FILE...                     validate corpus/question files, report every bad row
   ragtune experiment EXPERIMENT.yaml [out=DIR] [key=value...]
@@ -104,11 +104,12 @@ def cmd_eval(args: List[str]) -> int:
 
 
 def cmd_list(args: List[str]) -> int:
-    from ragtune.strategies import REGISTRY
+    from ragtune.strategies import REGISTRY, get_strategy
 
+    names = args or sorted(REGISTRY)  # `ragtune list pkg.module:Class` shows a plug-in strategy too
     rows = [
         (name, "yes" if cls.needs_labels else "no", cls.trains_description(), cls.summary)
-        for name, cls in sorted(REGISTRY.items())
+        for name, cls in ((n, get_strategy(n)) for n in names)
     ]  # from the declarations alone: no model is built
     w = max(len("trains"), *(len(r[2]) for r in rows))
     print(f"{'strategy':<14} {'labels':<7} {'trains':<{w}} summary")

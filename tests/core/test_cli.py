@@ -70,6 +70,15 @@ def test_list_prints_every_strategy(capsys):
     assert rows["independent"][1] == "yes" and rows["joint"][1] == "no"
 
 
+def test_list_a_plug_in_strategy_without_building_models(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.nn.Module, "to", lambda *a, **k: pytest.fail("a model was built"))
+    assert cli.main(["list", "toy_strategy:PolyakToy"]) == 0
+    line = capsys.readouterr().out.splitlines()[1]
+    assert "posterior" in line and "(+ frozen target)" in line
+
+
 def test_data_synth_writes_the_files(tmp_path, capsys):
     out = tmp_path / "synth"
     args = [
