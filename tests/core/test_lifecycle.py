@@ -52,6 +52,9 @@ def test_toy_trains_and_charges_its_own_components(tmp_path):
     assert any(k.startswith("strategy.posterior.") for k in w) and any(k.startswith("strategy.target.") for k in w)
     final = torch.load(tmp_path / "final.pt", weights_only=False)
     assert final["strategy_extra"]["updates"] == 3 and final["strategy_extra"]["cache"]
+    for split in ("dev", "test"):  # its own predict: its metric is averaged, its retrieved ids scored
+        assert res[split]["toy_rounds"] == 1.0 and res[split]["errors"] == 0
+        assert res[split]["retrieved_per_question"] == 2.0  # ctx.k = eval.k or train.k = 2 (tiny.yaml)
 
 
 def test_hook_order_and_resumed_flag(tmp_path, monkeypatch, pinned_tokenizers):

@@ -209,3 +209,19 @@ def test_two_runners_on_one_experiment_equal_one_runner(tmp_path):
         other = torch.load(tmp_path / "shared" / rel, weights_only=False)["weights"]
         mine = torch.load(p, weights_only=False)["weights"]
         assert all(torch.equal(other[k], mine[k]) for k in mine), rel
+
+
+def test_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint(tmp_path):
+    """A kill in the middle of `save` leaves a partial temporary file beside the old last.pt (the
+    rename never happened): the resume ignores it and ends as an undisturbed run."""
+    common = ["strategy.name=joint", "train.steps=4", "train.save_every=1", "eval.splits=[]"]
+    a = run.train_and_evaluate(tiny_cfg(tmp_path / "a", *common))
+    with pytest.raises(KeyboardInterrupt):
+        run.train_and_evaluate(tiny_cfg(tmp_path / "b", *common, "debug.stop_after=2"))
+    ckpt = rundir.checkpoints_dir(tmp_path / "b")
+    (ckpt / ".last.pt.99999.tmp").write_bytes(b"PK\x03\x04 torn")  # what a kill mid-write leaves
+    b = run.train_and_evaluate(tiny_cfg(tmp_path / "b", *common))
+    assert a["status"] == b["status"] == "ok"
+    wa = torch.load(rundir.final_path(tmp_path / "a"), weights_only=False)["weights"]
+    wb = torch.load(rundir.final_path(tmp_path / "b"), weights_only=False)["weights"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

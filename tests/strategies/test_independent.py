@@ -47,3 +47,32 @@ def test_independent_retriever_loss_is_infonce(tmp_path, hard):
     want = sum(terms) / len(terms)
     assert logs["pairs"] == len(pairs) >= 3
     assert math.isclose(float(loss.detach()), want, rel_tol=1e-4, abs_tol=1e-5)
+
+
+def test_mined_negatives_never_repeat_an_in_batch_candidate(tmp_path, monkeypatch):
+    """The best-ranked non-gold passage of question 0 is made question 1's gold passage: it is an
+    in-batch candidate, so mining must skip it (else it would sit twice in question 0's softmax)."""
+    import dataclasses
+
+    from ragtune.strategies import independent
+
+    cfg = tiny_cfg(tmp_path, "strategy.name=independent", "strategy.hard_negatives=2")
+    data, m, _ = build(cfg)
+    q0, q1 = data.train[0], data.train[1]
+    with torch.no_grad():
+        emb = m.retriever.encode_queries([q0.question])[0]
+    own = {m.corpus.row(p) for p in q0.gold_passage_ids}
+    top = next(r for r in torch.argsort(m.index.emb @ emb, descending=True).tolist() if r not in own)
+    batch = [q0, dataclasses.replace(q1, gold_passage_ids=[m.corpus[top].id])]
+    seen = {}
+    real = independent.mine_negatives
+
+    def spy(rag, q, gold_sets, exclude, n):
+        seen["rows"], seen["exclude"] = real(rag, q, gold_sets, exclude, n), exclude
+        return seen["rows"]
+
+    monkeypatch.setattr(independent, "mine_negatives", spy)
+    m.strategy.loss(batch, m, step_ctx(m, "retriever"))
+    assert top in seen["exclude"]
+    assert not set(seen["rows"].reshape(-1).tolist()) & seen["exclude"]
+    assert seen["rows"].shape[1] == 2
