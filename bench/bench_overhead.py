@@ -132,11 +132,16 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="configs/default.yaml")
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--only", default="", help="run only this strategy's case (e.g. two_phase)")
+    ap.add_argument("--no-adamw", action="store_true", help="skip the AdamW comparison")
     a = ap.parse_args()
     torch.set_num_threads(2)
     print(f"## framework overhead ({a.config}, {a.steps} steps, first 2 not timed, best of 2)")
     for name, phase in CASES:
-        run_case(a.config, name, phase, a.steps)
+        if not a.only or a.only == name:
+            run_case(a.config, name, phase, a.steps)
+    if a.no_adamw:
+        return
     print("## AdamW implementation (joint): fused (the default) against the per-tensor loop")
     fused, lf = run_case(a.config, "joint", "joint", a.steps, "auto")
     loop, ll = run_case(a.config, "joint", "joint", a.steps, "for_loop")

@@ -225,3 +225,31 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint(tmp_path)
     wa = torch.load(rundir.final_path(tmp_path / "a"), weights_only=False)["weights"]
     wb = torch.load(rundir.final_path(tmp_path / "b"), weights_only=False)["weights"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _children(pid: int) -> list:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def test_trainers_die_with_a_killed_runner(tmp_path):
+    runner = _experiment(tmp_path / "exp")
+    deadline, kids = time.time() + 120, []
+    while not kids and time.time() < deadline and runner.poll() is None:
+        kids = _children(runner.pid)
+        time.sleep(0.1)
+    assert kids, "the runner launched no trainer"
+    runner.kill()  # SIGKILL: the runner cannot clean up; the kernel tells its children
+    runner.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and any(os.path.exists(f"/proc/{k}") for k in kids):
+        time.sleep(0.1)
+    alive = [k for k in kids if os.path.exists(f"/proc/{k}") and "zombie" not in _state(k)]
+    assert not alive, f"orphaned trainers still running: {alive}"
+
+
+def _state(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/status").read().split("State:")[1].split("\n")[0].lower()
+    except OSError:
+        return "gone"
