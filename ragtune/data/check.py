@@ -1,18 +1,20 @@
 """`ragtune data check FILE...`: validate corpus and question files, report everything.
 
 Each file is classified as a corpus (records have `text` and no `question`) or a
-question set.  Question files are checked against the ids of every corpus given
+question set. A question of a file whose name does not contain "train" that is also in one that
+does (same id or question text) is reported as a leak.  Question files are checked against the ids of every corpus given
 (as a FILE or via corpus_path).  All files are checked even after failures.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from .loaders import read_records
 from .schema import Problem
-from .validate import passages_from_records, questions_from_records
+from .validate import passages_from_records, questions_from_records, split_overlap
 
 
 def _read(path: str) -> tuple[list, list]:
@@ -49,10 +51,12 @@ def _check(paths: Sequence[str], corpus_path: str | None = None) -> list[tuple]:
         ps = passages_from_records(records, p, None, problems)
         known = (known or set()) | {r.get("id") for _, r in records if isinstance(r.get("id"), str)}
         results[p] = (p, "corpus", len(ps), problems)
+    questions = {}
     for p in files:
         records, problems = read[p]
         if kinds[p] == "questions":
             qs = questions_from_records(records, p, None, known, problems)
+            questions[p] = qs
             results[p] = (p, "questions", len(qs), problems)
         elif kinds[p] is None:
             if records:
@@ -67,6 +71,11 @@ def _check(paths: Sequence[str], corpus_path: str | None = None) -> list[tuple]:
             elif not problems:
                 problems.append(Problem(p, 0, "<file>", "no records"))
             results[p] = (p, None, 0, problems)
+    # a question of a dev/test file that is also in a train file (same id or text) is a leak
+    train = [q for p, qs in questions.items() if "train" in Path(p).name for q in qs]
+    for p, qs in questions.items():
+        if train and "train" not in Path(p).name:
+            results[p][3].extend(Problem(*pr) for pr in split_overlap({"train": train, "dev": qs}, {"dev": p}))
     for *_, problems in results.values():
         problems.sort(key=lambda pr: pr.line)  # parse errors were found first
     return [results[p] for p in files]

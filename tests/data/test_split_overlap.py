@@ -44,3 +44,13 @@ def test_load_data_refuses_a_leak_unless_allowed(tmp_path, allow):
     else:
         with pytest.raises(DataError, match=r"test\.jsonl:1: question"):
             run.load_data(cfg.data)
+
+
+def test_data_check_reports_a_leak(tmp_path, capsys):
+    from ragtune import cli
+
+    row = {"id": "q1", "question": "Where was Ann born?", "answers": ["Oslo"]}
+    _write(tmp_path / "train.jsonl", [row])
+    _write(tmp_path / "test.jsonl", [{**row, "id": "t1", "question": "Who?"}, {**row, "id": "t2"}])
+    assert cli.main(["data", "check", str(tmp_path / "train.jsonl"), str(tmp_path / "test.jsonl")]) == 1
+    assert "test.jsonl:2: question: question text of 't2' is also in the train split" in capsys.readouterr().err
