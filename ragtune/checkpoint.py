@@ -73,7 +73,9 @@ class Checkpointer:
     def latest(self) -> Path:
         return self.folder / rundir.LAST_CHECKPOINT
 
-    def save(self, rag, sampler, opt, sched, *, step: int, phase_idx: int, phase_step: int) -> None:
+    def save(
+        self, rag, sampler, opt, sched, *, step: int, phase_idx: int, phase_step: int, trainer: Optional[dict] = None
+    ) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         state = {
             "step": step,
@@ -87,6 +89,7 @@ class Checkpointer:
             "index": rag.index.state_dict() if rag.index.version > 1 else None,
             "ledger": rag.ledger.state_dict(),
             "strategy_extra": rag.strategy.extra_state(),
+            "trainer": trainer or {},  # the trainer's own running state (e.g. a log window)
         }
         fileio.save_torch(state, self.latest)
 

@@ -5,8 +5,9 @@ Per phase declared by the strategy: freeze everything but the phase's components
 learning rate resolved per (phase, component), warmup + constant/linear/cosine schedule, then
 loop: gradient accumulation -> non-finite guard (before any optimizer step, so diverged runs
 never corrupt weights) -> clipping -> step -> `on_step_end` hook -> index refresh if the passage
-tower trains -> logging, evaluation and checkpoints. Checkpoints hold everything needed for an
-exact resume.
+tower trains -> logging (the loss of the step, learning rates, the total gradient norm, and
+each component's gradient norm before clipping averaged over the logging window), evaluation
+and checkpoints. Checkpoints hold everything needed for an exact resume, the log window too.
 
 Hook order (the contract in `ragtune.strategy`): setup (in `run.build_pipeline`) -> restore ->
 `on_phase_start(rag, ctx, resumed)` -> per step `loss` ... `on_step_end(rag, ctx)`.
@@ -116,6 +117,7 @@ class Trainer:
         self.components = saved_components(self.strategy)
         self.ckpt = Checkpointer(rundir.checkpoints_dir(self.run_dir), self.components)
         self.step = 0
+        self.norm_window: Dict[str, Tuple[float, int]] = {}  # grad_norm/<component> -> (sum, steps)
         self.metrics_path = rundir.metrics_path(self.run_dir)
         self.tb = None
         self.model = accelerator.prepare_model(rag) if accelerator.num_processes > 1 else rag
@@ -157,6 +159,7 @@ class Trainer:
             start_phase, phase_step = state["phase_idx"], state["phase_step"]
             self.step = state["step"]
             self.ckpt.restore(state, self.rag, self.sampler)
+            self.norm_window = dict((state.get("trainer") or {}).get("norm_window", {}))
             if not self.acc.is_main_process:  # the checkpointed ledger is the merged total: count it once
                 self._reset_ledger()
         if self.acc.is_main_process:  # also drops the lines of an attempt killed before its first checkpoint
@@ -195,6 +198,7 @@ class Trainer:
         self.rag.set_modes(phase.trains)
         for ps in range(first, n_steps):
             logs = self._train_step(opt, sched, self._ctx(phase, ps, n_steps, opt), settings["clip_norm"])
+            self._add_to_window(logs)
             self.step += 1
             self.strategy.on_step_end(self.rag, self._ctx(phase, ps + 1, n_steps, opt))
             bar.update(1)
@@ -205,6 +209,7 @@ class Trainer:
             if self.rag.doc_trained and (last or (refresh and self.step % refresh == 0)):
                 self._refresh()
             if self.step % max(1, self.tc.log_every) == 0 or last:
+                logs.update(self._window_means())
                 logs.update({"step": self.step, "phase": phase.name})
                 logs.update({f"lr/{g['name']}": g["lr"] for g in opt.param_groups})
                 self._log(logs)
@@ -223,6 +228,7 @@ class Trainer:
                         step=self.step,
                         phase_idx=pi + 1 if last else pi,
                         phase_step=0 if last else ps + 1,
+                        trainer={"norm_window": dict(self.norm_window)},
                     )
                 self.acc.wait_for_everyone()
             stop = self.cfg.debug.stop_after
@@ -265,6 +271,9 @@ class Trainer:
             params = [p for g in opt.param_groups for p in g["params"]]
             if sums:
                 totals["loss"] = self._normalise(params, sums)
+            for g in opt.param_groups:  # per component, before clipping (averaged over the log window)
+                grads = [p.grad for p in g["params"] if p.grad is not None]
+                totals[f"grad_norm/{g['name']}"] = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
             max_norm = clip_norm if clip_norm > 0 else float("inf")
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             if not torch.isfinite(norm):
@@ -275,6 +284,19 @@ class Trainer:
         self.rag.ledger.sample_memory()
         totals["grad_norm"] = float(norm)
         return totals
+
+    def _add_to_window(self, logs: Dict[str, float]) -> None:
+        """Accumulate the per-component gradient norms of a step until the next log line."""
+        for k, v in logs.items():
+            if k.startswith("grad_norm/"):
+                total, n = self.norm_window.get(k, (0.0, 0))
+                self.norm_window[k] = (total + v, n + 1)
+
+    def _window_means(self) -> Dict[str, float]:
+        """The per-component gradient norms averaged over the steps since the last log line."""
+        out = {k: total / n for k, (total, n) in self.norm_window.items() if n}
+        self.norm_window = {}
+        return out
 
     def _normalise(self, params, sums: List[Tuple[float, float]]) -> float:
         """Divide summed gradients by the total count over micro-batches and ranks; the loss value."""

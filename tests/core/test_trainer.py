@@ -435,3 +435,23 @@ def test_sampler_ranks_partition_the_global_batch(n, bs, world):
 def test_sampler_rejects_empty():
     with pytest.raises(ValueError):
         BatchSampler(0, 4, seed=0)
+
+
+def test_per_component_grad_norms_are_window_means_and_survive_resume(tmp_path):
+    common = ["strategy.name=joint", "train.steps=4", "eval.splits=[]"]
+    run.train_and_evaluate(tiny_cfg(tmp_path / "every", *common, "train.log_every=1"))
+    run.train_and_evaluate(tiny_cfg(tmp_path / "window", *common, "train.log_every=4"))
+    every = [r for r in step_lines(tmp_path / "every" / "metrics.jsonl") if "loss" in r]
+    (window,) = [r for r in step_lines(tmp_path / "window" / "metrics.jsonl") if "loss" in r]
+    for comp in ("generator", "query_encoder"):
+        key = f"grad_norm/{comp}"
+        assert all(r[key] > 0 for r in every)
+        assert window[key] == pytest.approx(sum(r[key] for r in every) / 4, rel=1e-12)  # mean, not last
+        assert window[key] != pytest.approx(every[-1][key])
+    # a checkpoint in the middle of a window: the resumed run logs the same means
+    with pytest.raises(KeyboardInterrupt):
+        run.train_and_evaluate(
+            tiny_cfg(tmp_path / "cut", *common, "train.log_every=4", "train.save_every=1", "debug.stop_after=2")
+        )
+    run.train_and_evaluate(tiny_cfg(tmp_path / "cut", *common, "train.log_every=4", "train.save_every=1"))
+    assert step_lines(tmp_path / "cut" / "metrics.jsonl") == step_lines(tmp_path / "window" / "metrics.jsonl")
