@@ -455,3 +455,25 @@ def test_per_component_grad_norms_are_window_means_and_survive_resume(tmp_path):
         )
     run.train_and_evaluate(tiny_cfg(tmp_path / "cut", *common, "train.log_every=4", "train.save_every=1"))
     assert step_lines(tmp_path / "cut" / "metrics.jsonl") == step_lines(tmp_path / "window" / "metrics.jsonl")
+
+
+def test_grad_norms_match_clip_grad_norm_bitwise():
+    from ragtune.trainer import grad_norms
+
+    g = torch.Generator().manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(5, 3, generator=g)) for _ in range(3)]
+    b = [torch.nn.Parameter(torch.randn(7, generator=g)), torch.nn.Parameter(torch.randn(2, 2, generator=g))]
+    for p in a + b:
+        p.grad = torch.randn(p.shape, generator=g) * 3
+    opt = torch.optim.SGD([{"params": a, "name": "x"}, {"params": b, "name": "y"}], lr=0.1)
+    total, per = grad_norms(opt)
+    assert torch.equal(total, torch.nn.utils.get_total_norm([p.grad for p in a + b]))
+    assert per["x"] == pytest.approx(float(torch.cat([p.grad.flatten() for p in a]).norm()), rel=1e-6)
+    assert per["y"] == pytest.approx(float(torch.cat([p.grad.flatten() for p in b]).norm()), rel=1e-6)
+    ref = [p.grad.clone() for p in a + b]
+    torch.nn.utils.clip_grads_with_norm_(a + b, 1.0, total)
+    ref_params = [torch.nn.Parameter(torch.zeros_like(r)) for r in ref]
+    for p, r in zip(ref_params, ref):
+        p.grad = r
+    torch.nn.utils.clip_grad_norm_(ref_params, 1.0)
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(a + b, ref_params))
