@@ -100,6 +100,8 @@ def test_data_synth_writes_the_files(tmp_path, capsys):
     assert cli.main(args) == 0
     counts = {s: len((out / f"{s}.jsonl").read_text().splitlines()) for s in ("train", "dev", "test")}
     assert counts == {"train": 10, "dev": 4, "test": 4}
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["config"]["seed"] == 3 and meta["counts"]["dev"]["total"] == 4
     assert len((out / "corpus.jsonl").read_text().splitlines()) > 0
     first = {f: (out / f).read_text() for f in ("corpus.jsonl", "train.jsonl", "dev.jsonl", "test.jsonl")}
     # what synth writes passes `data check`, and the same seed writes the same files

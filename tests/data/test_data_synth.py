@@ -8,7 +8,6 @@ from collections import Counter
 
 import pytest
 
-from ragtune import cli
 from ragtune.data import SynthConfig, check_files, generate, load_synth, stats, write
 from ragtune.data.names import NameGen
 from ragtune.data.templates import COMPARISONS
@@ -192,33 +191,6 @@ def test_load_synth_caches_and_validates(tmp_path, monkeypatch):
 
     monkeypatch.setattr(synth, "write", lambda *a: pytest.fail("regenerated"))
     assert load_synth(SMALL, tmp_path).corpus.ids == d.corpus.ids
-
-
-def test_main_synth(tmp_path, capsys):
-    assert (
-        cli.main(
-            [
-                "data",
-                "synth",
-                "--out",
-                str(tmp_path),
-                "--seed",
-                "3",
-                "--people",
-                "12",
-                "--train",
-                "10",
-                "--dev",
-                "4",
-                "--test",
-                "4",
-            ]
-        )
-        == 0
-    )
-    meta = json.loads((tmp_path / "meta.json").read_text())
-    assert meta["config"]["seed"] == 3 and meta["counts"]["dev"]["total"] == 4
-    assert "wrote" in capsys.readouterr().out
 
 
 def test_scales_linearly_to_large_corpora():
