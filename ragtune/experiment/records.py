@@ -87,7 +87,7 @@ def add_costs(a: Optional[dict], b: Optional[dict]) -> Optional[dict]:
     out.update(
         peak_cpu_bytes=max(a["peak_cpu_bytes"], b["peak_cpu_bytes"]),
         peak_gpu_bytes=max(a["peak_gpu_bytes"], b["peak_gpu_bytes"]),
-        device=_join(a["device"], b["device"]),
+        device=join_device_names(a["device"], b["device"]),
     )
     return out
 
@@ -117,9 +117,5 @@ def devices(costs: List[Optional[dict]]) -> str:
     """Every device name of `costs`, joined once each."""
     out = ""
     for c in costs:
-        out = _join(out, (c or {}).get("device", ""))
+        out = join_device_names(out, (c or {}).get("device", ""))
     return out
-
-
-def _join(a: str, b: str) -> str:
-    return join_device_names(a, b) if a and b else a or b

@@ -71,9 +71,16 @@ def test_list_prints_every_strategy(capsys):
 
 
 def test_list_a_plug_in_strategy_without_building_models(capsys, monkeypatch):
-    import torch
+    from ragtune import modelzoo
 
-    monkeypatch.setattr(torch.nn.Module, "to", lambda *a, **k: pytest.fail("a model was built"))
+    import toy_strategy
+
+    def never(*a, **k):
+        pytest.fail("ragtune list built a model")
+
+    for name in ("tiny_encoder", "tiny_decoder", "load_hf"):
+        monkeypatch.setattr(modelzoo, name, never)
+    monkeypatch.setattr(toy_strategy.PolyakToy, "setup", never)  # setup builds the owned towers
     assert cli.main(["list", "toy_strategy:PolyakToy"]) == 0
     line = capsys.readouterr().out.splitlines()[1]
     assert "posterior" in line and "(+ frozen target)" in line
