@@ -241,6 +241,15 @@ class TrainConfig:
 
 
 @dataclass
+class DiagnosticsConfig:
+    """On-request diagnostics (ragtune.diagnostics); their compute is never charged as training."""
+
+    grad_variance_every: int = nonneg(0)  # every N optimizer steps (0 = never)
+    grad_variance_draws: int = positive(8)  # repeated loss/backward draws per fixed batch
+    grad_variance_batches: int = positive(2)  # fixed training batches (the first ones of the run)
+
+
+@dataclass
 class DebugConfig:
     """Testing aids, kept out of the training settings."""
 
@@ -255,6 +264,9 @@ class EvalConfig:
     batch_size: int = positive(32)
     splits: List[str] = field(default_factory=lambda: ["dev", "test"])
     oracle: bool = False  # read the gold passages (padded with retrieved ones) instead of the top-K
+    # the core decoder (ragtune.decoding): auto = the strategy's own (Strategy.default_decoder)
+    decoder: str = choice("auto", "auto", "greedy_rescore", "thorough", "fast", "token_mixture")
+    beams: int = positive(2)  # beam width of thorough / fast (per passage) and token_mixture (1 = greedy)
 
 
 @dataclass
@@ -267,6 +279,7 @@ class Config:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
 

@@ -1,9 +1,10 @@
 """Generator: any HF causal LM (optionally with LoRA) reading one passage per prompt.
 
-Three methods, precisely specified:
-- `answer_logprobs(questions, passages, answers)`: per-token log p(y_t | prompt(x, z_k), y_<t) for
-  every passage, batched over the K passages: (B, K, T) plus the answer mask (B, T). Answer
-  tokens are tokenised once per question, so they are identical across k (RAG-Token needs that).
+Four methods, precisely specified:
+- `score_pairs(questions, passages, answers)`: per-token log p(y_t | prompt(x, z), y_<t) of N ragged
+  triples (any number of passages per question) in one batched forward: (N, T) plus mask (N, T).
+- `answer_logprobs(questions, passages, answers)`: the same for K passages per question, (B, K, T)
+  plus the answer mask (B, T). Answer tokens are identical across k (RAG-Token needs that).
 - `generate(questions, passages)`: greedy decoding of one answer per (question, passage).
 - `sample(prompts, ...)`: stochastic decoding of raw prompts (rollouts).
 The prompt template comes from config (no model-name sniffing). Every call is charged to the
@@ -60,44 +61,57 @@ class Generator(nn.Module):
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """B questions, K passages each, B answers -> tok_lp (B, K, T), mask (B, T)."""
         B, K = len(questions), len(passages[0])
-        prompts = [self.prompt(q, p) for q, ps in zip(questions, passages) for p in ps]
-        p_ids = self._prompt_ids(prompts)  # B*K lists
-        a_ids = self._answer_ids(answers)  # B lists
+        flat_q = [q for q in questions for _ in range(K)]
+        flat_p = [p for ps in passages for p in ps]
+        flat_a = [a for a in answers for _ in range(K)]
+        tok_lp, mask = self.score_pairs(flat_q, flat_p, flat_a)  # (B*K, T)
+        T = tok_lp.shape[-1]
+        return tok_lp.view(B, K, T), mask.view(B, K, T)[:, 0]
+
+    def score_pairs(
+        self, questions: List[str], passages: List[str], answers: List[str]
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """N ragged (question, passage, answer) triples in one batched forward ->
+        tok_lp (N, T) = log p(y_t | prompt(x, z), y_<t) (0 at padding), mask (N, T).
+        Sequence log-probs are `(tok_lp * mask).sum(-1)`. Any number of passages per question:
+        no padding with duplicates, no per-question loop."""
+        N = len(questions)
+        if not (N == len(passages) == len(answers)) or N == 0:
+            raise ValueError(f"score_pairs needs equal, non-empty lists, got {N}, {len(passages)}, {len(answers)}")
+        p_ids = self._prompt_ids([self.prompt(q, p) for q, p in zip(questions, passages)])  # N lists
+        a_ids = self._answer_ids(list(answers))  # N lists
         T = max(len(a) for a in a_ids)
-        seqs = [p + a_ids[i // K] for i, p in enumerate(p_ids)]
+        seqs = [p + a for p, a in zip(p_ids, a_ids)]
         L = max(len(s) for s in seqs)
         dev = self.device
-        input_ids = torch.full((B * K, L), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((B * K, L), dtype=torch.long)
-        pos = torch.zeros((B * K, T), dtype=torch.long)  # position predicting answer token t
-        for i, s in enumerate(seqs):
+        input_ids = torch.full((N, L), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((N, L), dtype=torch.long)
+        pos = torch.zeros((N, T), dtype=torch.long)  # position predicting answer token t
+        targets = torch.full((N, T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((N, T))
+        for i, (s, a) in enumerate(zip(seqs, a_ids)):
             input_ids[i, : len(s)] = torch.tensor(s)
             attn[i, : len(s)] = 1
-            n_a = len(a_ids[i // K])
             start = len(p_ids[i]) - 1
-            pos[i, :n_a] = torch.arange(start, start + n_a)
-            pos[i, n_a:] = start  # padding positions point at a valid place; masked below
-        targets = torch.full((B, T), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((B, T))
-        for b, a in enumerate(a_ids):
-            targets[b, : len(a)] = torch.tensor(a)
-            mask[b, : len(a)] = 1.0
+            pos[i, : len(a)] = torch.arange(start, start + len(a))
+            pos[i, len(a) :] = start  # padding positions point at a valid place; masked below
+            targets[i, : len(a)] = torch.tensor(a)
+            mask[i, : len(a)] = 1.0
         input_ids, attn, pos = input_ids.to(dev), attn.to(dev), pos.to(dev)
         t0 = clock()
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable()):
-            hidden = self._backbone(input_ids, attn)  # (B*K, L, H)
+            hidden = self._backbone(input_ids, attn)  # (N, L, H)
             idx = pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-            h = hidden.gather(1, idx)  # (B*K, T, H)
-            logits = self._lm_head()(h).float()  # (B*K, T, V)
+            h = hidden.gather(1, idx)  # (N, T, H)
+            logits = self._lm_head()(h).float()  # (N, T, V)
             lp = torch.log_softmax(logits, dim=-1)
-            tgt = targets.to(dev).repeat_interleave(K, dim=0)  # (B*K, T)
-            tok_lp = lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # (B*K, T)
+            tok_lp = lp.gather(-1, targets.to(dev).unsqueeze(-1)).squeeze(-1)  # (N, T)
         mask = mask.to(dev)
-        tok_lp = tok_lp.view(B, K, T) * mask.unsqueeze(1)
+        tok_lp = tok_lp * mask
         seconds = clock() - t0
         # the LM head ran on the T answer positions of each row only
         self.ledger.charge_model(
-            self.component, self.shape(), [L] * (B * K), head_positions=T, real_tokens=int(attn.sum()), seconds=seconds
+            self.component, self.shape(), [L] * N, head_positions=T, real_tokens=int(attn.sum()), seconds=seconds
         )
         return tok_lp, mask
 

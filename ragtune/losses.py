@@ -39,13 +39,17 @@ References
   Language Models", arXiv:2208.03299 (perplexity distillation).
 * Shi et al. 2023, "REPLUG: Retrieval-Augmented Black-Box Language Models",
   arXiv:2301.12652 (LM-supervised retrieval, LSR).
+* Mishra et al. 2022 / Cao et al. 2025 (VRAG as used in arXiv:2508.18168): the ELBO.
+* Cao et al. 2025, "JSA-RAG", arXiv:2508.18168, and Ou & Song 2020, "Joint Stochastic
+  Approximation and Its Application to Learning Discrete Latent Variable Models",
+  arXiv:2005.14001 (Metropolis independence sampler, inclusive-KL proposal training).
 * Karpukhin et al. 2020, "Dense Passage Retrieval", arXiv:2004.04906, and
   van den Oord et al. 2018, arXiv:1807.03748 (InfoNCE / in-batch negatives).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +68,10 @@ __all__ = [
     "retrieval_entropy",
     "kl_categorical",
     "renormalised_log_probs",
+    "elbo",
+    "mis_proposals",
+    "mis_chain",
+    "jsa_loss",
 ]
 
 REDUCTIONS = ("sum", "mean")
@@ -368,3 +376,109 @@ def renormalised_log_probs(scores: Tensor, support_mask: Tensor) -> Tensor:
         raise ValueError("every row of support_mask needs at least one candidate")
     masked = scores.masked_fill(~support_mask, float("-inf"))  # (B, C)
     return F.log_softmax(masked, dim=-1)  # (B, C)
+
+
+# --------------------------------------------------------------------------- latent passages
+def elbo(log_q: Tensor, log_prior: Tensor, seq_lp: Tensor, kl_beta: float = 1.0) -> Tensor:
+    """Evidence lower bound of a variational posterior over a candidate set (VRAG)::
+
+        ELBO_b = sum_c q_bc log p(y_b | x_b, z_c)  -  kl_beta * KL( q_b || p_b )
+
+    with ``q`` and ``p`` normalised over the same candidate set (``-inf`` outside it; see
+    :func:`renormalised_log_probs`). The expectation is exact (no sampling) and the KL is
+    *summed* over the set (the reference code averaged it over the set size). With
+    ``kl_beta = 1`` it is ``log p(y|x) - KL(q || p(z|x,y))``: equal to the log marginal
+    likelihood over the set iff q is the exact posterior, lower otherwise. Gradients: the
+    generator through ``seq_lp``, q through both terms, the prior only through the KL.
+    ``seq_lp`` may hold anything (e.g. -inf) where q has no mass: those terms are selected away.
+
+    log_q (B, C), log_prior (B, C), seq_lp (B, C)  ->  (B,)
+    """
+    _check_scores(log_q, seq_lp, "seq_lp")
+    zero = torch.zeros((), dtype=seq_lp.dtype, device=seq_lp.device)
+    support = log_q != float("-inf")  # (B, C)
+    q = torch.where(support, log_q, zero).exp().masked_fill(~support, 0.0)  # (B, C)
+    recon = torch.where(support, q * torch.where(support, seq_lp, zero), zero).sum(-1)  # (B,)
+    return recon - kl_beta * kl_categorical(log_q, log_prior)  # (B,)
+
+
+def mis_proposals(log_proposal: Tensor, mask: Tensor, steps: int, generator: torch.Generator) -> Tensor:
+    """``steps`` independent draws per question from the proposal ``q`` over its candidates.
+
+    The Metropolis *independence* sampler's proposals do not depend on the chain's state, so
+    they can be drawn first: the generator then only has to score the distinct passages drawn.
+
+    log_proposal (B, C), mask (B, C) bool  ->  (B, steps) long indices into C
+    """
+    logits = log_proposal.detach().float().masked_fill(~mask.to(torch.bool), float("-inf"))
+    probs = torch.softmax(logits, dim=-1).cpu()  # renormalised over the candidates
+    return torch.multinomial(probs, steps, replacement=True, generator=generator).to(log_proposal.device)
+
+
+def mis_chain(
+    log_target: Tensor,
+    log_proposal: Tensor,
+    mask: Tensor,
+    steps: int,
+    generator: torch.Generator,
+    init: Optional[Tensor] = None,
+    proposals: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Metropolis independence sampler over a masked candidate set (Ou & Song 2020; JSA).
+
+    Target pi(z) proportional to exp(log_target) (e.g. p(z|x) p(y|x,z), unnormalised), proposal
+    q(z) proportional to exp(log_proposal), both over the candidates where ``mask`` is true.
+    With importance weights log w(z) = log_target(z) - log_proposal(z), a proposal z' replaces
+    the state z with probability min(1, w(z') / w(z)). Its stationary distribution is pi
+    restricted to the candidates. ``init`` (B,) holds each chain's starting state (e.g. a cached
+    sample; -1 = none: the first proposal is accepted unconditionally); ``proposals`` (B, steps)
+    may be pre-drawn with :func:`mis_proposals` (else they are drawn here, then the uniforms).
+    Only the weights at proposed and initial states are read, so ``log_target`` may be NaN
+    elsewhere (passages never scored). No gradient.
+
+    log_target (B, C), log_proposal (B, C), mask (B, C)  ->  states (B, steps) long indices into
+    C (the state after each step), accepted (B, steps) bool (the proposal was taken)
+    """
+    mask = mask.to(torch.bool)
+    if proposals is None:
+        proposals = mis_proposals(log_proposal, mask, steps, generator)
+    B = proposals.shape[0]
+    dev = proposals.device
+    log_u = torch.rand((B, steps), generator=generator).log().to(dev)  # (B, steps)
+    if init is None:
+        init = torch.full((B,), -1, dtype=torch.long, device=dev)
+    log_w = (log_target.detach().float() - log_proposal.detach().float()).masked_fill(~mask, float("nan"))  # (B, C)
+    w_prop = log_w.gather(1, proposals)  # (B, steps)
+    if torch.isnan(w_prop).any():
+        raise ValueError("mis_chain: a proposal has no finite weight (outside the mask, or its target was not scored)")
+    state = init.clone()  # (B,)
+    w_state = torch.where(state >= 0, log_w.gather(1, state.clamp_min(0).view(-1, 1)).squeeze(1), torch.nan)
+    if torch.isnan(w_state[state >= 0]).any():
+        raise ValueError("mis_chain: an initial state has no finite weight")
+    states, accepted = [], []
+    for m in range(steps):
+        # a chain without a state takes the proposal; else accept iff log u < log w' - log w
+        # (w = 0 states are always left: -inf - -inf is nan, handled by the first clause)
+        take = (state < 0) | (w_state == float("-inf")) | (log_u[:, m] < w_prop[:, m] - w_state)  # (B,)
+        state = torch.where(take, proposals[:, m], state)
+        w_state = torch.where(take, w_prop[:, m], w_state)
+        states.append(state)
+        accepted.append(take)
+    return torch.stack(states, 1), torch.stack(accepted, 1)  # (B, steps) each
+
+
+def jsa_loss(log_prior: Tensor, log_q: Tensor, seq_lp: Tensor, states: Tensor) -> Tensor:
+    """JSA loss over the chain states z_1..z_M (Cao et al. 2025, arXiv:2508.18168)::
+
+        loss = mean_b (1/M) sum_m [ -log p(y|x,z_m) - log p(z_m|x) - log q(z_m|x,y) ]
+
+    With z_m from the true posterior p(z|x,y), the gradient of the first two terms is an
+    unbiased estimate of -grad log p(y|x) (Fisher's identity); the last term trains q towards
+    the inclusive KL(p(z|x,y) || q). Only the states' entries are read (``seq_lp`` may be
+    anything, e.g. -inf, at candidates no state visited).
+
+    log_prior (B, C), log_q (B, C), seq_lp (B, C), states (B, M) long  ->  scalar
+    """
+    _check_scores(log_prior, seq_lp, "seq_lp")
+    per_state = log_prior.gather(1, states) + log_q.gather(1, states) + seq_lp.gather(1, states)  # (B, M)
+    return -per_state.mean(-1).mean()  # scalar

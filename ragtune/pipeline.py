@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from ragtune.candidates import Candidates
 from ragtune.data import Corpus, Question
 from ragtune.generator import Generator
 from ragtune.index import DenseIndex
@@ -147,16 +148,49 @@ class RAGPipeline(nn.Module):
         """q (B, H) -> top-k rows (B, k) of the index, best first; no gradient, no texts."""
         return self.index.search(q, k)[1]
 
-    def passage_embeddings(self, rows: torch.Tensor) -> torch.Tensor:
-        """rows (...) -> (..., H): stored, or re-encoded with grad when the passage tower trains."""
-        if self.doc_trained:
-            flat = rows.reshape(-1).tolist()
-            return self.retriever.encode_passages([self.passage_texts[r] for r in flat]).view(*rows.shape, -1)
-        return self.index.lookup(rows)
+    def passage_embeddings(self, rows: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """rows (...) -> (..., H): stored, or re-encoded with grad when the passage tower trains.
+        Re-encoding runs once per distinct real row (`mask` False marks padding: zeros there)."""
+        if not self.doc_trained:
+            return self.index.lookup(rows)
+        keep = torch.ones_like(rows, dtype=torch.bool) if mask is None else mask.to(torch.bool)
+        uniq, inverse = torch.unique(rows[keep], return_inverse=True)  # (U,), (n_real,)
+        enc = self.retriever.encode_passages([self.passage_texts[r] for r in uniq.tolist()])  # (U, H)
+        out = enc.new_zeros((*rows.shape, enc.shape[-1]))  # (..., H)
+        out[keep] = enc[inverse]
+        return out
 
     def score_rows(self, q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """q (B, H), rows (B, C) -> (B, C) scores / tau; passages re-encoded if the tower trains."""
         return self.retriever.score(q, self.passage_embeddings(rows).to(q.dtype))
+
+    def score_candidates(self, q: torch.Tensor, cands: Candidates) -> torch.Tensor:
+        """Any query embedding q (B, H) (the prior's or a strategy-owned tower's) against a ragged
+        candidate set -> (B, C) scores / tau, `-inf` at padding; differentiable w.r.t. q and, when
+        the passage tower trains, w.r.t. it (only real rows are re-encoded)."""
+        d = self.passage_embeddings(cands.rows, cands.mask).to(q.dtype)  # (B, C, H)
+        return self.retriever.score(q, d).masked_fill(~cands.mask, float("-inf"))  # (B, C)
+
+    def read_candidates(
+        self, batch: Sequence[Question], cands: Candidates, select: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The first answer's token log-probs under every real candidate (or the `select`ed subset
+        (B, C) bool) in one batched generator call, one sequence per (question, passage) pair.
+        Returns tok_lp (B, C, T) (0 where not scored), mask (B, T), scored (B, C) bool."""
+        scored = cands.mask if select is None else (select.to(torch.bool) & cands.mask)
+        pairs = scored.nonzero().tolist()  # [(b, c)]
+        qs = [batch[b].question for b, _ in pairs]
+        ps = [self.passage_texts[int(cands.rows[b, c])] for b, c in pairs]
+        ans = [batch[b].answers[0] for b, _ in pairs]
+        tok, tmask = self.generator.score_pairs(qs, ps, ans)  # (N, T)
+        B, C = cands.rows.shape
+        T = tok.shape[-1]
+        out = tok.new_zeros((B, C, T))
+        idx = torch.tensor(pairs, dtype=torch.long, device=cands.rows.device).view(-1, 2)
+        out = out.index_put((idx[:, 0].to(out.device), idx[:, 1].to(out.device)), tok)
+        mask = torch.zeros((B, T), device=tok.device)
+        mask[idx[:, 0].to(tok.device)] = tmask  # the same answer, so the same mask, for all of b's pairs
+        return out, mask, scored
 
     def retrieve(self, questions: Sequence[str], k: int, q: torch.Tensor = None) -> Retrieval:
         """Top-k from the index; scores carry gradient into the query (and passage) tower."""

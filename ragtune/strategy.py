@@ -33,11 +33,15 @@ the pipeline is private:
   rag.encode_questions(questions) -> (B, H)       the production query tower
   rag.encode(texts, tower, component, max_length) any tower (owned ones too), charged under `component`
   rag.score_rows(q, rows) -> (B, C)               q against stored / re-encoded passage embeddings
+  rag.score_candidates(q, cands) -> (B, C)        any query embedding vs a ragged `Candidates` set, -inf at padding
+  rag.read_candidates(batch, cands, select)       answer token log-probs of each real (or selected)
+                                                  candidate, one sequence per pair: (B, C, T), (B, T), scored (B, C)
   rag.passage_embeddings(rows) -> (N, H)          stored, or re-encoded with grad if the passage tower trains
   rag.gold_first_rows(batch, k, q=None) -> (B, k) gold passages first, padded with retrieved ones
   rag.search(q, k) -> rows (B, k)                 index search, no grad
   rag.rows_of(ids), rag.passage_texts, rag.corpus, rag.doc_trained
-  rag.retriever (towers, temperature), rag.generator (answer_logprobs, generate, sample)
+  rag.retriever (towers, temperature), rag.generator (score_pairs, answer_logprobs, generate, sample)
+  ragtune.candidates.Candidates                   rows + mask + source flags, `of`, `union`, `position`
   rag.scoring()                                   context: no grad, dropout off, restored afterwards
 """
 
@@ -163,6 +167,16 @@ class Strategy(nn.Module):
 
     def load_extra_state(self, state: dict) -> None:
         pass
+
+    def merge_extra_states(self, states: List[dict]) -> dict:
+        """One state from every rank's `extra_state()` (rank order), saved once and loaded by every
+        rank. The default keeps rank 0's, right for state that is identical on all ranks; a
+        strategy whose state is per example (a sample cache) must merge the ranks' shares."""
+        return states[0] if states else {}
+
+    def default_decoder(self) -> str:
+        """The decoder `eval.decoder=auto` uses for this strategy (a name in ragtune.decoding)."""
+        return "greedy_rescore"
 
     # ---- derived ------------------------------------------------------------------------------
     def vocabulary(self) -> Tuple[str, ...]:

@@ -10,10 +10,15 @@ from ragtune.strategy import Strategy
 
 from .independent import Independent
 from .joint import Joint
+from .jsa import JSA
 from .none import NoFineTuning
+from .topk_marginal import TopKMarginal
 from .two_phase import TwoPhase
+from .vrag import VRAG
 
-REGISTRY: Dict[str, Type[Strategy]] = {cls.name: cls for cls in (NoFineTuning, Independent, TwoPhase, Joint)}
+REGISTRY: Dict[str, Type[Strategy]] = {
+    cls.name: cls for cls in (NoFineTuning, Independent, TwoPhase, Joint, TopKMarginal, VRAG, JSA)
+}
 
 
 def get_strategy(name: str) -> Type[Strategy]:
