@@ -5,6 +5,10 @@ strategy's non-derivable parts, frozen ones included: a hook may update them); t
 embeddings are saved once the index has been rebuilt by training. Files are written to a
 temporary name and renamed, so a kill during a save never leaves a torn checkpoint. Restoring is
 strict: a key missing from the checkpoint, or one the pipeline does not have, is an error.
+
+Strategy state (`extra_state()`) is per process: with several ranks every save gathers each
+rank's and saves `strategy.merge_extra_states(states)` (`merged_extra_state`, a collective every
+rank calls before the main-process-only write); every rank loads that merged state at restore.
 """
 
 from __future__ import annotations
@@ -64,6 +68,27 @@ def trained_weights(rag, components) -> dict:
     return {k: v.detach().clone() for k, v in rag.state_dict().items() if k.startswith(prefixes)}
 
 
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_gather(obj) -> list:
+    """Every rank's `obj`, in rank order (gloo or NCCL)."""
+    out = [None] * _world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def merged_extra_state(strategy) -> dict:
+    """The strategy state to save: `extra_state()` in one process; with several ranks every rank's,
+    gathered and merged by `strategy.merge_extra_states` (all ranks must call it; all get it)."""
+    state = strategy.extra_state()
+    if _world_size() == 1:
+        return state
+    return strategy.merge_extra_states(_all_gather(state))
+
+
 class Checkpointer:
     def __init__(self, folder: Path, components):
         self.folder = Path(folder)
@@ -74,8 +99,20 @@ class Checkpointer:
         return self.folder / rundir.LAST_CHECKPOINT
 
     def save(
-        self, rag, sampler, opt, sched, *, step: int, phase_idx: int, phase_step: int, trainer: Optional[dict] = None
+        self,
+        rag,
+        sampler,
+        opt,
+        sched,
+        *,
+        step: int,
+        phase_idx: int,
+        phase_step: int,
+        trainer: Optional[dict] = None,
+        strategy_extra: Optional[dict] = None,
     ) -> None:
+        """Write last.pt; `strategy_extra`: the merged state of every rank (`merged_extra_state`,
+        gathered by the caller on all ranks), default this process's `extra_state()`."""
         self.folder.mkdir(parents=True, exist_ok=True)
         state = {
             "step": step,
@@ -88,7 +125,7 @@ class Checkpointer:
             "sampler": sampler.state_dict(),
             "index": rag.index.state_dict() if rag.index.version > 1 else None,
             "ledger": rag.ledger.state_dict(),
-            "strategy_extra": rag.strategy.extra_state(),
+            "strategy_extra": rag.strategy.extra_state() if strategy_extra is None else strategy_extra,
             "trainer": trainer or {},  # the trainer's own running state (e.g. a log window)
         }
         fileio.save_torch(state, self.latest)

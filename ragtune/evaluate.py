@@ -1,11 +1,13 @@
 """Evaluation: the same metrics, timing and FLOP accounting for every strategy's predictor.
 
 Per batch of questions the strategy's `predict(batch, rag, ctx)` answers, or, when it returns
-None, the core decoder does. The core decoder (`DECODER = "greedy_rescore"`, recorded in the
-result as `decoder`) retrieves the top-K, greedily decodes one candidate answer from each passage
-on its own, then rescores every distinct candidate y by the marginal
-log sum_k p(z_k|x) p_G(y|x, z_k) over all K passages and keeps the best: Lewis et al.'s (2020)
-RAG-Sequence "thorough" decoding with a beam of one per passage, hence the name.
+None, a core decoder does (`ragtune.decoding`: greedy_rescore, thorough, fast, token_mixture,
+Lewis et al. 2020's RAG-Sequence and RAG-Token decoding). Which one is `evaluate`'s `decoder`
+(`eval.decoder`; "auto" = the strategy's `default_decoder()`) with `beams` (`eval.beams`); the
+result's `decoder` names what answered, beam width included (e.g. `thorough(beams=2)`,
+`token_mixture(greedy)`, `greedy_rescore`, `<strategy>.predict`, or both joined by " + " when
+some questions fell back to the core decoder). With `oracle` the chosen core decoder reads
+gold-first passages instead of the top-K.
 
 What is scored, and why here: answers (em, f1) and retrieval (recall@k, any_recall@k,
 sp_precision/recall/f1) are computed over what the predictor says it read, its ordered
@@ -29,38 +31,10 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ragtune import metrics
+from ragtune import decoding, metrics
 from ragtune.data import Question
 from ragtune.ledger import clock
 from ragtune.strategy import StepContext
-
-DECODER = "greedy_rescore"
-
-
-@torch.no_grad()
-def greedy_rescore(rag, batch: Sequence[Question], ret) -> List[dict]:
-    """The core decoder on a given retrieval (rows (B, K)); {prediction, retrieved_ids} per question."""
-    questions = [q.question for q in batch]
-    k = ret.rows.shape[1]
-    prior = torch.log_softmax(ret.scores.float(), dim=-1)  # (B, K)
-    flat_q = [q for q in questions for _ in range(k)]
-    flat_p = [p for ps in ret.texts for p in ps]
-    cands = rag.generator.generate(flat_q, flat_p)  # (B*K,)
-    per_q = [list(dict.fromkeys(cands[b * k : (b + 1) * k])) for b in range(len(batch))]
-    rq, rp, ra, owner = [], [], [], []
-    for b, cs in enumerate(per_q):
-        for c in cs:
-            rq.append(questions[b])
-            rp.append(ret.texts[b])
-            ra.append(c)
-            owner.append(b)
-    tok_lp, _ = rag.generator.answer_logprobs(rq, rp, ra)  # (R, K, T)
-    marginal = torch.logsumexp(prior[owner] + tok_lp.sum(-1), dim=-1)  # (R,)
-    best: Dict[int, tuple] = {}
-    for r, b in enumerate(owner):
-        if b not in best or marginal[r] > best[b][0]:
-            best[b] = (float(marginal[r]), ra[r])
-    return [{"prediction": best[b][1], "retrieved_ids": ret.ids[b], "metrics": {}} for b in range(len(batch))]
 
 
 @torch.no_grad()
@@ -72,10 +46,13 @@ def evaluate(
     batch_size: int,
     oracle: bool = False,
     step: int = 0,
+    decoder: str = "auto",
+    beams: int = 2,
 ) -> Dict[str, object]:
     """Scores and per-question predictions (`predictions`) of the strategy's predictor (or the core
-    decoder; always the core decoder on gold-first passages with `oracle`). `step`: optimizer
-    steps done, passed to `predict` in its StepContext."""
+    decoder `decoder` with `beams`, see ragtune.decoding; always the core decoder on gold-first
+    passages with `oracle`). `step`: optimizer steps done, passed to `predict` in its StepContext."""
+    core = decoding.resolve(decoder, rag.strategy)
     reports = dict(rag.strategy.reports or {})
     _check_report_names(rag.strategy.name, reports)
     ctx = StepContext(phase=None, step=step, phase_step=0, phase_steps=0, lrs={}, k=k)
@@ -90,7 +67,7 @@ def evaluate(
             for i in range(0, len(questions), batch_size):
                 batch = list(questions[i : i + batch_size])
                 f0, t0 = _eval_flops(rag.ledger), clock()
-                out, q, rows, used = _predict_batch(rag, batch, k, ctx, reports, oracle)
+                out, q, rows, used = _predict_batch(rag, batch, k, ctx, reports, oracle, core, beams)
                 seconds, flops = seconds + clock() - t0, flops + _eval_flops(rag.ledger) - f0
                 preds += out
                 decoders |= used
@@ -113,22 +90,23 @@ def evaluate(
     return res
 
 
-def _predict_batch(rag, batch: List[Question], k: int, ctx: StepContext, reports, oracle: bool):
+def _predict_batch(rag, batch: List[Question], k: int, ctx: StepContext, reports, oracle: bool, core: str, beams: int):
     """(predictions, q (B, H) or None, single top-k rows (B, k) or None, decoders used). q and rows
-    are those of the core decoder when it decoded the whole batch from the index, for reuse."""
+    are those of the core decoder `core` when it decoded the whole batch from the index, for reuse."""
     out = None if oracle else _strategy_predict(rag, batch, ctx, reports)
-    core = [j for j in range(len(batch)) if out is None or out[j] is None]
-    if not core:
+    todo = [j for j in range(len(batch)) if out is None or out[j] is None]
+    if not todo:
         return out, None, None, {f"{rag.strategy.name}.predict"}
-    sub = [batch[j] for j in core]
+    sub = [batch[j] for j in todo]
     q = rag.encode_questions([x.question for x in sub])  # (B', H)
     rows = rag.gold_first_rows(sub, k, q=q) if oracle else rag.search(q, k)  # (B', k)
-    decoded = greedy_rescore(rag, sub, rag.make_retrieval(q, rows))
+    decoded = decoding.decode(core, rag, sub, rag.make_retrieval(q, rows), beams)
+    name = decoding.label(core, beams)
     if out is None:
-        return decoded, q, (None if oracle else rows), {DECODER}
-    for j, p in zip(core, decoded):  # some questions fell back to the core decoder
+        return decoded, q, (None if oracle else rows), {name}
+    for j, p in zip(todo, decoded):  # some questions fell back to the core decoder
         out[j] = p
-    return out, None, None, {DECODER, f"{rag.strategy.name}.predict"}
+    return out, None, None, {name, f"{rag.strategy.name}.predict"}
 
 
 def _eval_flops(ledger) -> int:

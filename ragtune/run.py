@@ -18,7 +18,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ragtune import rundir
-from ragtune.checkpoint import load_weights, trained_weights
+from ragtune.checkpoint import load_weights, merged_extra_state, trained_weights
 from ragtune.config import ConfigError, save_config, strategy_options
 from ragtune.data import RAGData, load_hf, load_passages, load_questions, load_synth
 from ragtune.data.schema import DataError
@@ -182,6 +182,7 @@ def _train(cfg, run_dir: Path) -> Dict[str, object]:
         trainer.fit()
     except Diverged as e:
         result.update(status="diverged", reason=str(e), dev=None, test=None)
+    extra = merged_extra_state(rag.strategy)  # every rank's strategy state: all ranks gather, then rank 0 writes
     if not acc.is_main_process:  # the main process evaluates and writes the results
         acc.wait_for_everyone()
         return {**result, "secondary_process": True}
@@ -192,7 +193,7 @@ def _train(cfg, run_dir: Path) -> Dict[str, object]:
             "weights": trained_weights(rag, trainer.components),
             "index": rag.index.state_dict(),
             "sampler": trainer.sampler.state_dict(),
-            "strategy_extra": rag.strategy.extra_state(),
+            "strategy_extra": extra,
         }
         rundir.write_final(run_dir, final)
         result.update(evaluate_splits(cfg, rag, data, run_dir, trainer.step))
@@ -209,7 +210,15 @@ def evaluate_splits(cfg, rag: RAGPipeline, data: RAGData, run_dir: Path, step: i
     for split in ec.splits:
         with rag.ledger.wall("eval"):
             res = evaluate(
-                rag, getattr(data, split), ec.k or cfg.train.k, list(ec.recall_k), ec.batch_size, ec.oracle, step=step
+                rag,
+                getattr(data, split),
+                ec.k or cfg.train.k,
+                list(ec.recall_k),
+                ec.batch_size,
+                ec.oracle,
+                step=step,
+                decoder=ec.decoder,
+                beams=ec.beams,
             )
         rundir.write_predictions(run_dir, split, res.pop("predictions"))
         out[split] = res

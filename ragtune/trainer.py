@@ -5,9 +5,12 @@ Per phase declared by the strategy: freeze everything but the phase's components
 learning rate resolved per (phase, component), warmup + constant/linear/cosine schedule, then
 loop: gradient accumulation -> non-finite guard (before any optimizer step, so diverged runs
 never corrupt weights) -> clipping -> step -> `on_step_end` hook -> index refresh if the passage
-tower trains -> logging (the loss of the step, learning rates, the total gradient norm, and
-each component's gradient norm before clipping averaged over the logging window), evaluation
-and checkpoints. Checkpoints hold everything needed for an exact resume, the log window too.
+tower trains -> the optional gradient-variance diagnostic (`ragtune.diagnostics`, every
+`diagnostics.grad_variance_every` steps, leaving no trace on training) -> logging (the loss of the
+step, learning rates, the total gradient norm, and each component's gradient norm before clipping
+averaged over the logging window), evaluation and checkpoints (every rank's strategy state
+gathered and merged by `merge_extra_states`). Checkpoints hold everything needed for an exact
+resume, the log window too.
 
 Hook order (the contract in `ragtune.strategy`): setup (in `run.build_pipeline`) -> restore ->
 `on_phase_start(rag, ctx, resumed)` -> per step `loss` ... `on_step_end(rag, ctx)`.
@@ -24,8 +27,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ragtune import fileio, rundir
-from ragtune.checkpoint import Checkpointer, prefix, saved_components
+from ragtune.checkpoint import Checkpointer, merged_extra_state, prefix, saved_components
 from ragtune.config import ConfigError
+from ragtune.diagnostics import gradient_variance, metrics_row
 from ragtune.evaluate import evaluate
 from ragtune.sampler import BatchSampler
 from ragtune.strategy import OPTIM_KEYS, LossSum, Phase, StepContext
@@ -228,17 +232,21 @@ class Trainer:
             refresh = self.cfg.index.refresh_every
             if self.rag.doc_trained and (last or (refresh and self.step % refresh == 0)):
                 self._refresh()
+            diag = self._grad_variance(self._ctx(phase, ps + 1, n_steps, opt))
             if self.step % max(1, self.tc.log_every) == 0 or last:
                 logs.update(self._window_means())
-                logs.update({"step": self.step, "phase": phase.name})
+                logs.update({"step": self.step, "phase": phase.name, **diag})
                 logs.update({f"lr/{g['name']}": g["lr"] for g in opt.param_groups})
                 self._log(logs)
                 bar.set_postfix(loss=f"{logs['loss']:.3f}")
+            elif diag:
+                self._log({"step": self.step, "phase": phase.name, **diag})
             if self.tc.eval_every and self.step % self.tc.eval_every == 0:
                 self._eval_dev(phase)
             if (self.tc.save_every and self.step % self.tc.save_every == 0) or last:
                 self.check_finite_weights(opt)
                 self._sync_ledger()
+                extra = merged_extra_state(self.strategy)  # a collective: every rank, before the main-only write
                 if self.acc.is_main_process:
                     self.ckpt.save(
                         self.rag,
@@ -249,6 +257,7 @@ class Trainer:
                         phase_idx=pi + 1 if last else pi,
                         phase_step=0 if last else ps + 1,
                         trainer={"norm_window": dict(self.norm_window)},
+                        strategy_extra=extra,
                     )
                 self.acc.wait_for_everyone()
             stop = self.cfg.debug.stop_after
@@ -303,6 +312,22 @@ class Trainer:
         self.rag.ledger.sample_memory()
         totals["grad_norm"] = float(norm)
         return totals
+
+    def _grad_variance(self, ctx: StepContext) -> Dict[str, float]:
+        """Every `diagnostics.grad_variance_every` steps: the gradient-variance diagnostic on the
+        first `grad_variance_batches` batches of the training questions, in file order (the same
+        questions every time), as metrics.jsonl keys; {} otherwise. It restores RNG, gradients,
+        modes, strategy state and ledger, so training is bit-identical with it on or off. With
+        several processes every rank computes it on the same batches without any collective (its
+        backward bypasses the DDP wrapper, so gradients stay local) and the main process logs it."""
+        dc = self.cfg.diagnostics
+        if not dc.grad_variance_every or self.step % dc.grad_variance_every:
+            return {}
+        bs = self.tc.batch_size
+        qs = self.train_qs[: bs * dc.grad_variance_batches]
+        batches = [qs[i : i + bs] for i in range(0, len(qs), bs)]
+        res = gradient_variance(self.rag, batches, ctx, dc.grad_variance_draws, autocast=self.acc.autocast)
+        return metrics_row(res)
 
     def _add_to_window(self, logs: Dict[str, float]) -> None:
         """Accumulate the per-component gradient norms of a step until the next log line."""
@@ -375,7 +400,16 @@ class Trainer:
             return
         ec = self.cfg.eval
         with self.rag.ledger.wall("eval"):
-            res = evaluate(self.rag, self.dev_qs, ec.k or self.tc.k, list(ec.recall_k), ec.batch_size, step=self.step)
+            res = evaluate(
+                self.rag,
+                self.dev_qs,
+                ec.k or self.tc.k,
+                list(ec.recall_k),
+                ec.batch_size,
+                step=self.step,
+                decoder=ec.decoder,
+                beams=ec.beams,
+            )
         self._log(
             {
                 "step": self.step,

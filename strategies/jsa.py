@@ -65,6 +65,9 @@ class JSA(LatentPassage):
         extra = Candidates.from_lists(have, [[SOURCES["cache"]] * len(h) for h in have], qp.device)
         lat = self.latent(rag, qp, qq, ctx.k, extra)  # (B, C)
         mask = lat.cands.mask
+        if not (torch.isfinite(lat.log_q[mask]).all() and torch.isfinite(lat.log_prior[mask]).all()):
+            # diverged towers: no distribution to sample from; a non-finite loss stops the run as diverged
+            return lat.log_q[mask].sum() + lat.log_prior[mask].sum(), {}
         init = lat.cands.position(cached.to(mask.device))  # (B,) index into C, -1 = none
         gen = torch.default_generator  # the global CPU RNG: checkpointed, so a resume is bit-identical
         proposals = losses.mis_proposals(lat.log_q, mask, self.opts.mis_steps, gen)  # (B, M)

@@ -1,7 +1,9 @@
 """Leaderboard rows and files: one row per strategy at its selected grid point.
 
 What: `summarize` turns the selected runs of a strategy (one per seed) plus its whole grid into a
-flat row: dev/test EM/F1 mean and std over seeds with a seeded bootstrap 95% CI over questions,
+flat row: the decoder that answered each split (`{split}_decoder`, from the scores' `decoder`, e.g.
+`thorough(beams=2)` or `<strategy>.predict`, so that rows decoded differently are told apart),
+dev/test EM/F1 mean and std over seeds with a seeded bootstrap 95% CI over questions,
 recall@k, every other number the evaluation reported (metrics a strategy reports, e.g.
 `rounds`; seconds and eval FLOPs per question), the selected learning rates, FLOPs of the
 selected run by kind (its phase-1 parent included) and of the whole grid search, wall-clock,
@@ -71,6 +73,7 @@ def summarize(
             continue
         norms |= {s.get("normalization", "") for s in scored}
         row[f"{split}_n"] = scored[0].get("n")
+        row[f"{split}_decoder"] = " / ".join(sorted({str(s["decoder"]) for s in scored if s.get("decoder")}))
         for key in [k for k, v in scored[0].items() if _is_metric(k, v)]:
             vals = [float(s[key]) for s in scored if key in s]
             row[f"{split}_{key}_mean"] = mean(vals)
@@ -196,11 +199,11 @@ def reported_columns(rows: Sequence[dict], split: str) -> List[str]:
 
 
 def markdown_table(rows: Sequence[dict], splits: Sequence[str]) -> str:
-    """The main table (also what `ragtune compare --format md` prints): scores, recall@k and the
-    strategy-reported metrics of the last split, and the training cost."""
+    """The main table (also what `ragtune compare --format md` prints): the decoder, scores, recall@k
+    and the strategy-reported metrics of the last split, and the training cost."""
     recall = [k for k in columns(rows) if k.startswith(f"{splits[-1]}_recall@") and k.endswith("_mean")]
     reported = reported_columns(rows, splits[-1])
-    head = ["strategy", "selected lrs"] + [f"{s} {m.upper()}" for s in reversed(splits) for m in CI_METRICS]
+    head = ["strategy", "selected lrs", "decoder"] + [f"{s} {m.upper()}" for s in reversed(splits) for m in CI_METRICS]
     head += [k[: -len("_mean")].replace("_", " ") for k in recall + reported]
     head += ["train FLOPs", "grid FLOPs", "wall s", "device-h", "peak MB", "runs (failed)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -208,6 +211,7 @@ def markdown_table(rows: Sequence[dict], splits: Sequence[str]) -> str:
         cells = [
             str(r.get("label") or r["strategy"]) + ("" if r.get("status", "ok") == "ok" else f" ({r['status']})"),
             r.get("lrs") or "–",
+            decoder_cell(r, splits),
         ]
         cells += [fmt_score(r, s, m) for s in reversed(splits) for m in CI_METRICS]
         cells += [fmtnum(100 * (num(r.get(k)) or 0), ".1f") if num(r.get(k)) is not None else "–" for k in recall]
@@ -223,6 +227,14 @@ def markdown_table(rows: Sequence[dict], splits: Sequence[str]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def decoder_cell(r: dict, splits: Sequence[str]) -> str:
+    """The decoder that answered the row's splits; named per split only when they differ."""
+    per = {s: r.get(f"{s}_decoder") for s in splits if r.get(f"{s}_decoder")}
+    if len(set(per.values())) > 1:
+        return "; ".join(f"{s}: {d}" for s, d in per.items())
+    return next(iter(per.values()), "–")
 
 
 def eval_cost_table(rows: Sequence[dict], splits: Sequence[str]) -> str:

@@ -46,7 +46,7 @@ def test_paired_test_identical_vs_different():
             paired_permutation_test(short, long)
 
 
-def _run(tmp_path, name, ems, em_dev, flops):
+def _run(tmp_path, name, ems, em_dev, flops, decoder="greedy_rescore"):
     d = tmp_path / name
     d.mkdir()
     for split, vals in (("test", ems), ("dev", ems)):
@@ -68,6 +68,8 @@ def _run(tmp_path, name, ems, em_dev, flops):
         "dev": {"em": em_dev, "f1": em_dev, "n": len(ems), "normalization": "squad_v1.1", "recall@1": 0.5},
         "test": {"em": m, "f1": m, "n": len(ems), "normalization": "squad_v1.1", "recall@1": 0.25},
     }
+    for split in scores.values():
+        split["decoder"] = decoder
     return {"dir": str(d), "scores": scores, "cost": cost}
 
 
@@ -155,3 +157,30 @@ def test_strategy_reported_metrics_and_eval_cost_are_shown(tmp_path):
     write_leaderboard(out, [multi, plain], "t", ["dev", "test"], "em", [0], {"samples": 10, "seed": 0}, "local")
     assert "## Evaluation cost per question" in (out / "leaderboard.md").read_text()
     assert "test_rounds_mean" in read_csv(out / "leaderboard.csv")[0]
+
+
+def test_decoder_column_per_strategy(tmp_path):
+    from ragtune.experiment.leaderboard import markdown_table
+
+    tok = summarize(
+        "tok", {}, [_run(tmp_path, "t", [1, 0, 0, 0], 0.2, 10, "token_mixture(beams=4)")], [None], 1, 0, ["dev", "test"]
+    )
+    seq = summarize(
+        "seq", {}, [_run(tmp_path, "s", [1, 1, 0, 0], 0.5, 10, "thorough(beams=2)")], [None], 1, 0, ["dev", "test"]
+    )
+    assert tok["test_decoder"] == tok["dev_decoder"] == "token_mixture(beams=4)"
+    mixed = _run(tmp_path, "x", [1, 0, 1, 0], 0.5, 10)
+    mixed["scores"]["test"]["decoder"] = "mixed.predict"
+    mix = summarize("mix", {}, [mixed], [None], 1, 0, ["dev", "test"])
+    old = summarize("old", {}, [_run(tmp_path, "o", [0, 0, 0, 0], 0.0, 10, "")], [None], 1, 0, ["dev", "test"])
+    lines = markdown_table([seq, tok, mix, old], ["dev", "test"]).splitlines()
+    col = [c.strip() for c in lines[0].split("|")].index("decoder")
+    cells = [[c.strip() for c in line.split("|")][col] for line in lines[2:]]
+    assert cells == ["thorough(beams=2)", "token_mixture(beams=4)", "dev: greedy_rescore; test: mixed.predict", "–"]
+    out = tmp_path / "out"
+    out.mkdir()
+    write_leaderboard(out, [seq, tok], "t", ["dev", "test"], "em", [0], {"samples": 10, "seed": 0}, "local")
+    assert {r["strategy"]: r["test_decoder"] for r in read_csv(out / "leaderboard.csv")} == {
+        "seq": "thorough(beams=2)",
+        "tok": "token_mixture(beams=4)",
+    }
