@@ -158,6 +158,7 @@ class IndexConfig:
     ivf_nprobe: int = 8
     use_gpu: bool = True  # only used when faiss sees a GPU
     batch_size: int = 256
+    cache_initial: bool = True  # embed the corpus once per passage tower (ragtune.index_cache); charged every run
 
 
 @dataclass

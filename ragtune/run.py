@@ -27,6 +27,7 @@ from ragtune.data.validate import split_overlap
 from ragtune.evaluate import evaluate
 from ragtune.generator import build_generator
 from ragtune.index import DenseIndex
+from ragtune.index_cache import build_initial_index
 from ragtune.ledger import Ledger, device_name
 from ragtune.pipeline import RAGPipeline
 from ragtune.retriever import build_retriever
@@ -119,7 +120,7 @@ def build_pipeline(cfg, data: RAGData, ledger: Ledger, final: Optional[dict] = N
         rag.index.load_state_dict(final["index"])
     else:
         with ledger.wall("index"):
-            rag.refresh_index(cfg.index.batch_size)
+            build_initial_index(rag, cfg.data.cache_dir, cfg.index.batch_size, cfg.index.cache_initial)
     return rag
 
 
