@@ -132,9 +132,14 @@ def gradient_variance(
         if ctx.phase is not None:
             rag.set_modes(ctx.phase.trains)
         flops0 = _total_flops(rag.ledger)
+        state = copy.deepcopy(rag.strategy.extra_state())
         for batch in batches:
             acc = {c: _Welford() for c in params}
             for _ in range(draws):
+                # every draw starts from the same strategy state (e.g. a sample cache): draws of a
+                # chain that resumes from the previous draw's sample would be correlated, biasing the
+                # variance low
+                rag.strategy.load_extra_state(copy.deepcopy(state))
                 for p in trainable:
                     p.grad = None
                 with torch.enable_grad(), autocast():

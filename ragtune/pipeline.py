@@ -223,5 +223,16 @@ class RAGPipeline(nn.Module):
         tok_lp, mask = self.generator.answer_logprobs(questions, ret.texts, [q.answers[0] for q in batch])
         return ret, tok_lp, mask
 
+    def gather(self, obj) -> list:
+        """Every rank's `obj` (picklable), in rank order; `[obj]` in one process. Every rank must
+        call it at the same point (e.g. in `on_step_end`, which runs on all ranks)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return [obj]
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+
     def rows_of(self, ids: Sequence[str]) -> List[int]:
         return [self.corpus.row(i) for i in ids]

@@ -43,6 +43,7 @@ the pipeline is private:
   rag.retriever (towers, temperature), rag.generator (score_pairs, answer_logprobs, generate, sample)
   ragtune.candidates.Candidates                   rows + mask + source flags, `of`, `union`, `position`
   rag.scoring()                                   context: no grad, dropout off, restored afterwards
+  rag.gather(obj) -> [obj per rank]               all-gather of picklable state (every rank must call it)
 """
 
 from __future__ import annotations

@@ -14,12 +14,19 @@ towards the inclusive KL(p(z|x,y) || q). Per question:
 - loss (1/M) sum_m [ -log p_G(y|x,z_m) - log p(z_m|x) - log q(z_m|x,y) ] over the chain states
   (`ragtune.losses.jsa_loss`), the generator run with grad once per unique state.
 - a persistent per-example cache (canonical JSA, absent from the published JSA-RAG code): the
-  chain's last state is stored per question id; after `cache_warmup` optimizer steps, the next
-  chain over that question starts from it, re-weighted under the current parameters, instead of
-  from a fresh proposal. It is checkpointed (`extra_state`), merged over ranks, restored on resume
-  and carried across `train.init_from` (via final.pt).
-Logged: `acceptance_rate`, `unique_per_chain` (generator sequences scored per chain),
-`unique_states`, `cache_hit_rate`.
+  chain's last state is stored per question id with the step it was drawn at; after
+  `cache_warmup` optimizer steps, the next chain over that question starts from it, re-weighted
+  under the current parameters, instead of from a fresh proposal. Data-parallel ranks see
+  different questions each epoch, so every rank's new entries are all-gathered after each
+  optimizer step (`on_step_end`) and the newest entry per question wins: all ranks hold the same
+  cache, which is checkpointed (`extra_state`), restored on resume and carried across
+  `train.init_from` (via final.pt).
+The sampler targets the posterior restricted to the candidate set C (the posterior of the
+marginal over C), so the gradient is that of log sum_{z in C} p(z|x) p_G(y|x,z).
+Logged: `acceptance_rate` (proposals taken, including proposals equal to the state), `move_rate`
+(steps where the state changed), `unique_per_chain` (generator sequences scored per chain),
+`unique_states`, `cache_hit_rate`. `reduction=mean` is refused: a length-normalised likelihood
+would make the sampler target p(z|x) p_G(y|x,z)^(1/|y|), which is not the posterior.
 
 Where the reference code differs, deliberately: it scored the generator on all M proposals
 (at most ~20 of 50 distinct), had no cache, and assumed batch size 1 in places; its own RAG
@@ -30,13 +37,13 @@ baseline applied softmax twice (a near-uniform prior). Reference settings: M = 5
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 
 from ragtune import losses
 from ragtune.candidates import SOURCES, Candidates
-from ragtune.config import nonneg, positive
+from ragtune.config import ConfigError, nonneg, positive
 
 from .latent import LatentOptions, LatentPassage
 
@@ -47,6 +54,13 @@ class Options(LatentOptions):
     cache: bool = True  # start each chain from the question's cached sample
     cache_warmup: int = nonneg(20)  # optimizer steps before the cache is used (it is filled from the start)
 
+    def validate(self) -> None:
+        if self.reduction != "sum":
+            raise ConfigError(
+                "config key 'strategy.reduction': jsa needs 'sum' (a length-normalised likelihood makes "
+                "the sampler target a tempered distribution, not the posterior p(z|x,y))"
+            )
+
 
 class JSA(LatentPassage):
     name = "jsa"
@@ -56,7 +70,8 @@ class JSA(LatentPassage):
 
     def __init__(self, options=None):
         super().__init__(options)
-        self.cache: Dict[str, str] = {}  # question id -> passage id of the chain's last state
+        self.cache: Dict[str, Tuple[str, int]] = {}  # question id -> (passage id of the last state, step)
+        self.pending: Dict[str, Tuple[str, int]] = {}  # this rank's entries since the last sync
 
     def loss(self, batch, rag, ctx):
         qp, qq = self.encode(rag, batch)  # (B, H) each
@@ -76,18 +91,22 @@ class JSA(LatentPassage):
         with rag.scoring():  # no grad, dropout off, charged as score
             tok_ng, tmask, scored = rag.read_candidates(batch, lat.cands, select=visited)
         log_target = lat.log_prior.detach() + self.seq_logprobs(tok_ng, tmask, scored)  # (B, C)
+        if not torch.isfinite(log_target[scored]).all():  # a diverged generator: stop as diverged
+            return log_target[scored].sum() + lat.log_q[mask].sum(), {}
         log_target = log_target.masked_fill(~scored, float("nan"))  # never read outside the chain
         states, accepted = losses.mis_chain(log_target, lat.log_q, mask, self.opts.mis_steps, gen, init, proposals)
         in_states = torch.zeros_like(mask).scatter_(1, states, True)  # (B, C) unique states
         tok_lp, tmask, scored_g = rag.read_candidates(batch, lat.cands, select=in_states)  # with grad
         seq_lp = self.seq_logprobs(tok_lp, tmask, scored_g)  # (B, C), -inf off the states
         loss = losses.jsa_loss(lat.log_prior, lat.log_q, seq_lp, states)
-        self._store(rag, batch, lat.cands, states[:, -1])
+        self._store(rag, batch, lat.cands, states[:, -1], ctx.step)
+        prev = torch.cat([init.view(-1, 1), states[:, :-1]], 1)  # (B, M) the state before each step
         had_state = torch.ones_like(accepted)
         had_state[:, 0] = init >= 0  # a chain without a start state takes its first proposal unconditionally
         logs = {
             **self.latent_logs(lat),
             "acceptance_rate": float((accepted & had_state).sum() / had_state.sum().clamp_min(1)),
+            "move_rate": float(((states != prev) & had_state).sum() / had_state.sum().clamp_min(1)),
             "unique_per_chain": float(visited.sum(-1).float().mean()),
             "unique_states": float(in_states.sum(-1).float().mean()),
             "cache_hit_rate": float((init >= 0).float().mean()),
@@ -100,27 +119,41 @@ class JSA(LatentPassage):
         use = self.opts.cache and ctx.step >= self.opts.cache_warmup
         rows: List[int] = []
         for q in batch:
-            pid = self.cache.get(q.id) if use else None
+            pid = self.cache[q.id][0] if use and q.id in self.cache else None
             rows.append(rag.corpus.row(pid) if pid is not None and pid in rag.corpus else -1)
         return torch.tensor(rows, dtype=torch.long)
 
-    def _store(self, rag, batch, cands: Candidates, last: torch.Tensor) -> None:
+    def _store(self, rag, batch, cands: Candidates, last: torch.Tensor, step: int) -> None:
         if not self.opts.cache:
             return
         rows = cands.rows.gather(1, last.view(-1, 1)).squeeze(1).tolist()  # (B,)
         for q, r in zip(batch, rows):
-            self.cache[q.id] = rag.corpus[r].id
+            self.cache[q.id] = self.pending[q.id] = (rag.corpus[r].id, int(step))
+
+    def on_step_end(self, rag, ctx) -> None:
+        """Share this step's new cache entries with every rank (a no-op in one process)."""
+        shares = rag.gather(self.pending)
+        if len(shares) > 1:
+            self.cache = _newest([self.cache, *shares])
+        self.pending = {}
 
     def extra_state(self) -> dict:
-        return {"cache": dict(self.cache)}
+        return {"cache": dict(self.cache), "pending": dict(self.pending)}
 
     def load_extra_state(self, state: dict) -> None:
-        self.cache = dict(state.get("cache", {}))
+        self.cache = {q: (str(p), int(s)) for q, (p, s) in state.get("cache", {}).items()}
+        self.pending = {q: (str(p), int(s)) for q, (p, s) in state.get("pending", {}).items()}
 
     def merge_extra_states(self, states: List[dict]) -> dict:
-        """Each rank cached the questions it trained on: the union (rank order; a question is on one
-        rank per step, so a conflict can only be an older entry and the later rank's wins)."""
-        merged: Dict[str, str] = {}
-        for s in states:
-            merged.update(s.get("cache", {}))
-        return {"cache": merged}
+        """The ranks' caches (identical after each step's sync) merged entry by entry, the newest
+        sample of a question winning (a tie: the later rank's)."""
+        return {"cache": _newest([s.get("cache", {}) for s in states]), "pending": {}}
+
+
+def _newest(caches: List[Dict[str, Tuple[str, int]]]) -> Dict[str, Tuple[str, int]]:
+    out: Dict[str, Tuple[str, int]] = {}
+    for cache in caches:
+        for q, (pid, step) in cache.items():
+            if q not in out or step >= out[q][1]:
+                out[q] = (pid, step)
+    return out

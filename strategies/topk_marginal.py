@@ -19,7 +19,9 @@ decoding for the token loss and RAG-Sequence "thorough" decoding for the sequenc
 candidates' passages are re-encoded with grad every step and the index is re-embedded every
 `index.refresh_every` steps (and at the phase end), charged to the ledger as `index`. It logs the
 staleness of the index: `steps_since_refresh` and `index_drift`, the mean 1 - cos between the
-fresh and the stored embeddings of the retrieved rows. Lewis et al. found refreshing unnecessary
+fresh (eval-mode, no-grad) and the stored embeddings of the first question's K retrieved rows:
+K extra passage encodes per step (charged as `score`, about 1/(3B) of the passage tower's
+training cost), not B*K. Lewis et al. found refreshing unnecessary
 and kept the passage tower frozen (the default). Their hyper-parameters: K = 5 or 10 passages,
 Adam lr 3e-5 for BART-large and the DPR query tower; set them in a real-model preset, not on the
 embedded default, where every strategy reads the same K.
@@ -82,10 +84,11 @@ class TopKMarginal(Strategy):
         retrieved rows (B, K) have drifted from the passage tower's current ones."""
         if rag.index.version != self.index_version:
             self.index_version, self.refreshed_at = rag.index.version, ctx.step
+        rows = rows[:1]  # (1, K): a sample keeps the log cheap
         with rag.scoring():
-            fresh = rag.passage_embeddings(rows)  # (B, K, H), re-encoded (scoring: no grad)
-        stored = rag.index.lookup(rows).to(fresh.dtype)  # (B, K, H)
-        drift = 1 - torch.nn.functional.cosine_similarity(fresh, stored, dim=-1)  # (B, K)
+            fresh = rag.passage_embeddings(rows)  # (1, K, H), re-encoded (scoring: no grad)
+        stored = rag.index.lookup(rows).to(fresh.dtype)  # (1, K, H)
+        drift = 1 - torch.nn.functional.cosine_similarity(fresh, stored, dim=-1)  # (1, K)
         return {"steps_since_refresh": float(ctx.step - self.refreshed_at), "index_drift": float(drift.mean())}
 
     def extra_state(self) -> dict:

@@ -14,12 +14,14 @@ is the exact posterior (`ragtune.losses.elbo`). Gradients: the generator through
 reconstruction term, the posterior through reconstruction + KL, the prior only through the KL.
 
 Where the reference code is wrong and this is not: it averaged the KL over the union's size
-(reduction 'mean') and length-normalised the likelihood, so its loss was not the ELBO; and it
-took the expectation over q renormalised on the posterior top-k while computing the KL with q
-renormalised on the union, two different q's, so its objective was not a bound of anything.
-Here the likelihood is summed over answer tokens (`reduction=sum`, `mean` as a deliberate option)
-and one q serves both terms. The JSA paper reports frequent gradient-norm spikes for VRAG (its
-motivation); `diagnostics.grad_variance_every` measures the variance on fixed batches.
+(reduction 'mean') and length-normalised the likelihood, so its loss was not the ELBO. Here the
+likelihood is summed over answer tokens (`reduction=sum`, `mean` as a deliberate option).
+A deliberate deviation from the usual recipe (expectation over q renormalised on the posterior's
+top-k, KL over the union with q renormalised there): that uses two different q's, so its
+objective bounds nothing; here one q over C serves both terms, which makes it the exact ELBO and
+costs up to 2k generator sequences with grad per question instead of k. The JSA paper reports
+frequent gradient-norm spikes for VRAG (its motivation); `diagnostics.grad_variance_every`
+measures the variance on fixed batches.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 What: reads experiment directories (leaderboard.csv + selected.json, written by `ragtune
 experiment`) and single run directories (their result and later `ragtune eval` scores, read
 through ragtune.rundir), prints one table sorted on `--metric` (plus the evaluation cost per
-question when runs report it), runs a paired significance test between the top two rows on
-per-question scores (matched by question id), and optionally plots the metric against training
+question when runs report it), runs a paired significance test between the top two rows (and
+every `--pair A B`) on per-question scores (matched by question id), and optionally plots the metric against training
 FLOPs with the quality/cost Pareto front.
 Why a separate command: to compare runs from different experiments, machines or dates honestly.
 Exits 1, naming the directory, when a directory is missing, unfinished or failed.
@@ -88,8 +88,22 @@ def load_rows(d: Path) -> List[dict]:
 
 
 def significance(rows: List[dict], split: str, metric: str, samples: int, seed: int) -> str:
-    """Paired sign-flip permutation test between the first two rows on per-question scores."""
-    a, b = rows[0], rows[1]
+    """Paired sign-flip permutation test between the first two rows on per-question scores (each
+    question's score averaged over a row's seeds)."""
+    return paired(rows[0], rows[1], split, metric, samples, seed)
+
+
+def named_pair(rows: List[dict], a: str, b: str) -> tuple:
+    """The rows named `a` and `b` (a label or a strategy name); CompareError if one is missing."""
+    by = {_name(r): r for r in rows}
+    by.update({r["strategy"]: r for r in rows if r["strategy"] not in by})
+    missing = [n for n in (a, b) if n not in by]
+    if missing:
+        raise CompareError(f"--pair: no finished row named {', '.join(missing)} (rows: {', '.join(sorted(by))})")
+    return by[a], by[b]
+
+
+def paired(a: dict, b: dict, split: str, metric: str, samples: int, seed: int) -> str:
     pa, pb = per_question(a["_dirs"], split, metric), per_question(b["_dirs"], split, metric)
     ids = [i for i in pa if i in pb]
     if not ids:
@@ -161,9 +175,10 @@ def compare(
     plot_path: Optional[str] = None,
     samples: int = 10000,
     seed: int = 0,
+    pairs: Sequence[Sequence[str]] = (),
 ) -> int:
-    """Print the comparison of `dirs`; returns the exit code (1 naming every bad directory, 2 for an
-    unknown metric)."""
+    """Print the comparison of `dirs`; returns the exit code (1 naming every bad directory or pair,
+    2 for an unknown metric). `pairs`: extra paired tests [(row a, row b)] besides the top two."""
     try:
         get_metric(metric)
     except KeyError as e:
@@ -205,6 +220,12 @@ def compare(
     ok = [r for r in rows if r.get("status", "ok") == "ok"]
     if len(ok) >= 2:
         print(significance(ok, split, metric, samples, seed), file=sys.stderr if fmt == "csv" else sys.stdout)
+    for a, b in pairs:
+        try:
+            ra, rb = named_pair(ok, a, b)
+            print(paired(ra, rb, split, metric, samples, seed), file=sys.stderr if fmt == "csv" else sys.stdout)
+        except CompareError as e:
+            errors.append(str(e))
     if plot_path and ok:
         try:
             plot(ok, split, metric, plot_path)

@@ -77,6 +77,18 @@ def test_paired_test_between_top_two_runs(tmp_path, capsys):
     assert "p = 1 " in line
 
 
+def test_pair_tests_named_rows_and_an_unknown_name_exits_1(tmp_path, capsys):
+    a = _run_dir(tmp_path, "a", [1.0] * 80 + [0.0] * 20)
+    b = _run_dir(tmp_path, "b", [1.0] * 50 + [0.0] * 50)
+    c = _run_dir(tmp_path, "c", [1.0] * 30 + [0.0] * 70)
+    rc, md = _call([a, b, c, "--pair", "s (c)", "s (b)"])
+    lines = [x for x in md.splitlines() if x.startswith("paired test")]
+    assert rc == 0 and len(lines) == 2  # the top two, then the requested pair
+    assert "s (a) vs s (b)" in lines[0] and "s (c) vs s (b)" in lines[1] and "-20.00" in lines[1]
+    rc, _ = _call([a, b, "--pair", "s (a)", "nope"])
+    assert rc == 1 and "no finished row named nope" in capsys.readouterr().err
+
+
 def test_plot_written(tmp_path):
     pytest.importorskip("matplotlib")
     a = _run_dir(tmp_path, "a", [1.0, 0.0, 1.0])

@@ -86,7 +86,8 @@ def test_cache_is_filled_then_used_after_warmup(built, monkeypatch):
     assert logs["cache_hit_rate"] == 0.0 and set(m.strategy.cache) == {x.id for x in batch}
     _, logs = m.strategy.loss(batch, m, step_ctx(m, step=2, k=2))  # still warming up
     assert logs["cache_hit_rate"] == 0.0
-    cached = {x.id: m.strategy.cache[x.id] for x in batch}
+    cached = {x.id: m.strategy.cache[x.id][0] for x in batch}
+    assert {m.strategy.cache[x.id][1] for x in batch} == {2}  # the step each sample was drawn at
     _, chains, lats = _spy(monkeypatch, m)
     _, logs = m.strategy.loss(batch, m, step_ctx(m, step=3, k=2))
     assert logs["cache_hit_rate"] == 1.0
@@ -98,12 +99,39 @@ def test_cache_is_filled_then_used_after_warmup(built, monkeypatch):
     assert SOURCES["cache"] == 4
 
 
-def test_merge_extra_states_unions_the_ranks_caches(built):
+def test_merge_extra_states_keeps_the_newest_sample_per_question(built):
     _, _, m = built
-    merged = m.strategy.merge_extra_states([{"cache": {"a": "p1", "b": "p2"}}, {"cache": {"c": "p3"}}])
-    assert merged == {"cache": {"a": "p1", "b": "p2", "c": "p3"}}
+    r0 = {"cache": {"a": ("p1", 7), "b": ("p2", 3)}}
+    r1 = {"cache": {"b": ("p9", 2), "c": ("p3", 5), "a": ("p0", 1)}}
+    merged = m.strategy.merge_extra_states([r0, r1])
+    assert merged["cache"] == {"a": ("p1", 7), "b": ("p2", 3), "c": ("p3", 5)}  # rank 0 newer: kept
     m.strategy.load_extra_state(merged)
-    assert m.strategy.extra_state() == merged
+    assert m.strategy.extra_state()["cache"] == merged["cache"]
+
+
+def test_step_end_shares_new_entries_newest_first(built, monkeypatch):
+    _, data, m = built
+    s = m.strategy
+    s.load_extra_state({"cache": {"a": ("p1", 1)}})
+    s.loss(data.train[:2], m, step_ctx(m, step=4, k=2))
+    assert set(s.pending) == {x.id for x in data.train[:2]}
+    s.on_step_end(m, step_ctx(m, step=5))  # one process: nothing to share, the cache stays
+    assert s.pending == {} and set(s.cache) == {"a", *(x.id for x in data.train[:2])}
+    other = {"a": ("p7", 4), data.train[0].id: ("p8", 1)}  # another rank's share: newer a, older q0
+    monkeypatch.setattr(m, "gather", lambda obj: [obj, other])
+    mine = s.cache[data.train[0].id]
+    s.on_step_end(m, step_ctx(m, step=6))
+    assert s.cache["a"] == ("p7", 4) and s.cache[data.train[0].id] == mine
+
+
+def test_mean_reduction_is_refused_and_a_nan_generator_diverges(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="strategy.reduction"):
+        build(tiny_cfg(tmp_path / "a", "strategy.name=jsa", "strategy.reduction=mean"))
+    data, m, _ = build(tiny_cfg(tmp_path / "b", "strategy.name=jsa", "strategy.mis_steps=4"))
+    orig = m.generator.score_pairs
+    monkeypatch.setattr(m.generator, "score_pairs", lambda q, p, a: tuple(t * float("nan") for t in orig(q, p, a)))
+    loss, _ = m.strategy.loss(data.train[:2], m, step_ctx(m, k=2))
+    assert not torch.isfinite(loss)  # the trainer stops the run as diverged
 
 
 def test_cache_survives_a_resume_bit_identically_and_init_from(tmp_path):
