@@ -53,6 +53,7 @@ smoke: $(STAMP)
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_core.py
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_overhead.py
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_latent.py
 
 clean:
 	rm -rf runs results .pytest_cache
