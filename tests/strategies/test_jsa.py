@@ -149,3 +149,27 @@ def test_cache_survives_a_resume_bit_identically_and_init_from(tmp_path):
     cfg = tiny_cfg(tmp_path / "c", *common, f"train.init_from={tmp_path / 'a'}")
     _, m, _ = build(cfg)
     assert m.strategy.cache == fa["strategy_extra"]["cache"]
+
+
+@pytest.mark.slow
+def test_two_real_ranks_share_the_cache_every_step(tmp_path):
+    """torchrun, 2 ranks (gloo): the per-step all-gather in on_step_end runs on both ranks without
+    a deadlock, and final.pt's cache holds one sample for every question of the 3 global batches
+    (a batch per rank), each tagged with the step it was drawn at."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT, TINY, cache_dir
+
+    run.load_data(tiny_cfg(tmp_path / "x").data)  # fill the data cache once, not from two processes
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "ragtune.cli", "train", TINY, "strategy.name=jsa", "strategy.mis_steps=6", "strategy.cache_warmup=0"]
+    cmd += [f"data.cache_dir={cache_dir()}", "train.steps=3", "eval.splits=[]", f"run_dir={tmp_path / 'r'}"]
+    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    cache = torch.load(rundir.final_path(tmp_path / "r"), weights_only=False)["strategy_extra"]["cache"]
+    cfg = tiny_cfg(tmp_path / "y")
+    assert len(cache) == 2 * 3 * cfg.train.batch_size  # 2 ranks x 3 steps x 4: 24 distinct (48 per epoch)
+    assert {step for _, step in cache.values()} == {0, 1, 2}
