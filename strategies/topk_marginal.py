@@ -71,8 +71,7 @@ class TopKMarginal(Strategy):
 
     def loss(self, batch, rag, ctx):
         ret, tok_lp, mask = rag.retrieve_and_read(batch, ctx.k)  # scores (B, K), tok_lp (B, K, T)
-        kind = "token" if self.opts.loss == "token" else "sequence"
-        nll = losses.marginal_nll(kind, ret.scores, tok_lp, mask, self.opts.reduction)
+        nll = losses.marginal_nll(self.opts.loss, ret.scores, tok_lp, mask, self.opts.reduction)
         logs = ret.logs()
         if rag.doc_trained:
             logs.update(self._staleness(rag, ret.rows, ctx))

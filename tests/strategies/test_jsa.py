@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from ragtune import losses, run, rundir
-from ragtune.candidates import SOURCES
 
 from helpers import build, step_ctx, tiny_cfg
 
@@ -96,7 +95,6 @@ def test_cache_is_filled_then_used_after_warmup(built, monkeypatch):
     for b, x in enumerate(batch):  # each chain starts from its cached passage, flagged as cache
         assert int(init[b]) >= 0 and m.corpus[int(cands.rows[b, init[b]])].id == cached[x.id]
         assert bool(cands.has("cache")[b, init[b]])
-    assert SOURCES["cache"] == 4
 
 
 def test_merge_extra_states_keeps_the_newest_sample_per_question(built):
