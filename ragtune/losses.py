@@ -482,3 +482,414 @@ def jsa_loss(log_prior: Tensor, log_q: Tensor, seq_lp: Tensor, states: Tensor) -
     _check_scores(log_prior, seq_lp, "seq_lp")
     per_state = log_prior.gather(1, states) + log_q.gather(1, states) + seq_lp.gather(1, states)  # (B, M)
     return -per_state.mean(-1).mean()  # scalar
+
+
+# =========================================================================== reinforcement learning
+# Value targets and policy-gradient objectives for the RL strategies (``rl_retriever``: soft
+# Q(lambda) over retrieval actions; ``rag_r1``: GRPO / PPO on a generator that searches).
+#
+# References
+# * Sorokin et al. 2025, "Q-RAG", arXiv:2511.07328 (soft value, Boltzmann exploration, Polyak
+#   target towers, episode-gated lambda-returns).
+# * Shao et al. 2024, "DeepSeekMath", arXiv:2402.03300 (GRPO: group-normalised advantages, k3 KL).
+# * Schulman et al. 2017, "Proximal Policy Optimization Algorithms", arXiv:1707.06347 (clipped
+#   ratio objective, clipped value loss).
+# * Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized Advantage
+#   Estimation", arXiv:1506.02438 (GAE).
+#
+# Shapes: ``B`` episodes x ``T`` steps (Q-RAG), ``N`` completions x ``T`` tokens (GRPO/PPO),
+# ``A`` candidate actions.  Masks are boolean or 0/1 (any non-zero entry counts as valid) and are
+# always applied by *selection* (``torch.where``), never by multiplication, so garbage (-inf, NaN)
+# at invalid positions reaches neither a value nor a gradient.
+
+__all__ += [
+    "lambda_returns",
+    "soft_value",
+    "boltzmann_probs",
+    "polyak_update_",
+    "group_advantages",
+    "kl_k3",
+    "clipped_policy_loss",
+    "masked_reduce",
+    "grpo_loss",
+    "gae",
+    "clipped_value_loss",
+    "RL_REDUCTIONS",
+]
+
+RL_REDUCTIONS = ("sequence", "token", "constant", "sum")
+
+
+def _valid(mask: Optional[Tensor], like: Tensor) -> Tensor:
+    """``mask`` as a bool tensor of ``like``'s shape (all True when ``mask`` is None)."""
+    if mask is None:
+        return torch.ones(like.shape, dtype=torch.bool, device=like.device)
+    if tuple(mask.shape) != tuple(like.shape):
+        raise ValueError(f"mask {tuple(mask.shape)} must match {tuple(like.shape)}")
+    return mask.to(torch.bool)
+
+
+def _zeros_where_not(keep: Tensor, x: Tensor) -> Tensor:
+    """``x`` where ``keep``, exact 0 elsewhere (zero gradient there, whatever ``x`` holds)."""
+    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def lambda_returns(
+    rewards: Tensor,
+    next_values: Tensor,
+    dones: Tensor,
+    gamma: float,
+    lam: float,
+    mask: Optional[Tensor] = None,
+) -> Tensor:
+    """Episode-gated lambda-returns over a window of T steps (soft Q(lambda), Q-RAG).
+
+    ::
+
+        G_t = r_t + gamma * (1 - d_t) * [ (1 - lam) * V(s_{t+1}) + lam * G_{t+1} ]
+
+    with ``next_values[b, t] = V(s_{t+1})`` (e.g. the soft value of the target towers,
+    :func:`soft_value`).  At a terminal step (``d_t`` true) ``G_t = r_t`` exactly: the next value
+    and the later returns are *selected away*, so nothing leaks across an episode end inside the
+    window and ``next_values`` may hold anything (NaN) there.  Where ``G_{t+1}`` is not available
+    -- at the last window position ``t = T-1``, or at a valid step followed by an invalid one --
+    it is replaced by the bootstrap ``V(s_{t+1}) = next_values[b, t]``, so such a step is
+    ``r_t + gamma (1 - d_t) V(s_{t+1})`` (a truncated, not a terminated, episode: mark the step
+    ``done`` if the episode really ended there).  Invalid steps (``mask`` false) get 0 and are
+    never read.  ``lam = 0`` gives the one-step TD target ``r_t + gamma (1-d_t) V(s_{t+1})``;
+    ``lam = 1`` the discounted Monte-Carlo return to the episode end (or to the bootstrap).
+
+    The result is a regression *target* (``MSE(Q(s_t, a_t), sg(G_t))``) and is returned detached.
+    ``dones``: bool or 0/1 (non-zero = terminal).
+
+    rewards (B, T), next_values (B, T), dones (B, T), mask (B, T) | None  ->  (B, T)
+    """
+    if rewards.dim() != 2 or next_values.shape != rewards.shape or dones.shape != rewards.shape:
+        raise ValueError(
+            f"rewards, next_values, dones must all be (B,T), got {tuple(rewards.shape)}, "
+            f"{tuple(next_values.shape)}, {tuple(dones.shape)}"
+        )
+    rewards = rewards.detach()
+    next_values = next_values.detach().to(rewards.dtype)
+    valid = _valid(mask, rewards)
+    done = dones.to(torch.bool)
+    zero = torch.zeros((), dtype=rewards.dtype, device=rewards.device)
+    T = rewards.shape[1]
+    out = torch.zeros_like(rewards)
+    for t in range(T - 1, -1, -1):
+        nv = next_values[:, t]  # (B,)
+        tail = nv if t == T - 1 else torch.where(valid[:, t + 1], out[:, t + 1], nv)  # G_{t+1} or bootstrap
+        cont = torch.where(done[:, t], zero, (1.0 - lam) * torch.where(done[:, t], zero, nv) + lam * tail)
+        g = rewards[:, t] + gamma * cont  # (B,)
+        out[:, t] = torch.where(valid[:, t], g, zero)
+    return out
+
+
+def soft_value(q: Tensor, alpha: float, mask: Optional[Tensor] = None) -> Tensor:
+    """Soft (entropy-regularised) state value ``V(s) = alpha * logsumexp_a(Q(s, a) / alpha)``.
+
+    The log-partition of the Boltzmann policy :func:`boltzmann_probs`; it tends to ``max_a Q``
+    as ``alpha -> 0`` (``max <= V <= max + alpha log |A_valid|``).  Only actions where ``mask``
+    is true count (e.g. unselected chunks); a row with no valid action gets exactly 0 (value and
+    gradient), e.g. after the episode has ended.
+
+    q (B, A), mask (B, A) bool | None  ->  (B,)
+    """
+    if q.dim() != 2:
+        raise ValueError(f"q must be (B,A), got {tuple(q.shape)}")
+    valid = _valid(mask, q)
+    has = valid.any(-1)  # (B,)
+    # Empty rows see finite zeros (a finite logsumexp and gradient), then are selected away.
+    logits = torch.where(valid | ~has.unsqueeze(-1), _zeros_where_not(valid, q) / alpha, float("-inf"))
+    v = alpha * torch.logsumexp(logits, dim=-1)  # (B,)
+    return _zeros_where_not(has, v)
+
+
+def boltzmann_probs(q: Tensor, alpha: float, mask: Optional[Tensor] = None, top: int = 0) -> Tensor:
+    """Boltzmann exploration policy ``pi(a|s) = softmax_a(Q(s, a) / alpha)`` (Q-RAG).
+
+    Restricted to the valid actions (``mask``) and, when ``top > 0``, to the ``top`` valid actions
+    with the largest Q (ties at the cut broken by ``torch.topk``); renormalised over that set and
+    exactly 0 elsewhere.  ``top = 0`` keeps every valid action.  A row with no valid action is all
+    zeros.  Sample from it with ``torch.multinomial`` (rows must then have a valid action).
+
+    q (B, A), mask (B, A) bool | None  ->  (B, A)
+    """
+    if q.dim() != 2:
+        raise ValueError(f"q must be (B,A), got {tuple(q.shape)}")
+    if top < 0:
+        raise ValueError(f"top must be >= 0, got {top}")
+    valid = _valid(mask, q)
+    if 0 < top < q.shape[1]:
+        ranked = q.detach().masked_fill(~valid, float("-inf"))
+        idx = ranked.topk(top, dim=-1).indices  # (B, top)
+        in_top = torch.zeros_like(valid).scatter_(1, idx, True)
+        valid = valid & in_top
+    has = valid.any(-1, keepdim=True)  # (B, 1)
+    logits = torch.where(valid | ~has, _zeros_where_not(valid, q) / alpha, float("-inf"))
+    p = torch.softmax(logits, dim=-1)  # (B, A)
+    return _zeros_where_not(valid, p)
+
+
+@torch.no_grad()
+def polyak_update_(target: torch.nn.Module, online: torch.nn.Module, tau: float) -> None:
+    """In place: ``theta_target <- (1 - tau) theta_target + tau theta_online`` (Polyak averaging).
+
+    Applied to every parameter and every floating-point buffer, matched by name (both modules must
+    list the same names, in the same order, with the same shapes); non-floating buffers (counters,
+    index tables) are copied whatever ``tau``.  ``tau = 0`` leaves the target's floating tensors
+    unchanged, ``tau = 1`` copies the online module.  Used for the Q-RAG target towers (``tau`` about 0.02-0.1).
+
+    Raises ValueError on mismatched names or shapes, or ``tau`` outside [0, 1].
+    """
+    if not 0.0 <= tau <= 1.0:
+        raise ValueError(f"tau must be in [0, 1], got {tau}")
+
+    def pairs(a, b, what):
+        a, b = list(a), list(b)
+        na, nb = [n for n, _ in a], [n for n, _ in b]
+        if na != nb:
+            raise ValueError(f"polyak_update_: {what} names differ: {na} vs {nb}")
+        for (n, x), (_, y) in zip(a, b):
+            if x.shape != y.shape:
+                raise ValueError(f"polyak_update_: {what} {n!r} has shape {tuple(x.shape)} vs {tuple(y.shape)}")
+        return [(x, y) for (_, x), (_, y) in zip(a, b)]
+
+    params = pairs(target.named_parameters(), online.named_parameters(), "parameter")
+    buffers = pairs(target.named_buffers(), online.named_buffers(), "buffer")
+    for t, o in params + buffers:
+        o = o.to(device=t.device, dtype=t.dtype)
+        if not t.is_floating_point() or tau == 1.0:
+            t.copy_(o)
+        elif tau != 0.0:
+            t.mul_(1.0 - tau).add_(o, alpha=tau)
+
+
+def group_advantages(rewards: Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> Tensor:
+    """GRPO group-relative advantages (Shao et al. 2024, arXiv:2402.03300).
+
+    ``rewards`` holds ``groups * group_size`` completions, each consecutive block of
+    ``group_size`` rows answering the same prompt::
+
+        A_i = (r_i - mean_g) / (std_g + eps)     (scale=True;  scale=False: A_i = r_i - mean_g)
+
+    ``std_g`` is the *unbiased* (Bessel-corrected, ``n - 1``) standard deviation, as TRL's GRPO
+    trainer computes it (``trl.trainer.utils.nanstd``, ``scale_rewards="group"``, eps 1e-4).
+    A group whose rewards are all equal (including ``group_size = 1``) carries no signal and gets
+    exactly 0 -- decided by comparing the rewards, not by a rounded std, so no ``(r - mean)/eps``
+    artefact can appear.  Rewards must be finite.  Returned detached.
+
+    rewards (N,)  ->  (N,)
+    """
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be (N,), got {tuple(rewards.shape)}")
+    if group_size < 1 or rewards.shape[0] % group_size != 0:
+        raise ValueError(f"{rewards.shape[0]} rewards do not split into groups of {group_size}")
+    if not bool(torch.isfinite(rewards).all()):
+        raise ValueError("group_advantages: rewards must be finite")
+    r = rewards.detach()
+    if not r.is_floating_point():
+        r = r.to(torch.get_default_dtype())
+    g = r.view(-1, group_size)  # (G, n)
+    centred = g - g.mean(dim=1, keepdim=True)  # (G, n)
+    flat = g.amax(dim=1, keepdim=True) == g.amin(dim=1, keepdim=True)  # (G, 1): zero-std group
+    if scale and group_size > 1:
+        centred = centred / (g.std(dim=1, correction=1, keepdim=True) + eps)
+    return torch.where(flat, torch.zeros((), dtype=r.dtype, device=r.device), centred).reshape(-1)
+
+
+def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """Per-token k3 estimator of KL(pi || pi_ref) (Schulman, "Approximating KL divergence", 2020;
+    as used by GRPO, arXiv:2402.03300, eq. 4)::
+
+        k3 = exp(ref_logp - logp) - (ref_logp - logp) - 1   >= 0
+
+    Unbiased for KL(pi || pi_ref) when the tokens are sampled from pi, and never negative
+    (``e^x >= 1 + x``).  Computed as ``expm1(x) - x`` (no cancellation near 0) and clamped at 0
+    against the last rounding error.  Gradient w.r.t. ``logp``: ``1 - exp(ref_logp - logp)``.
+
+    logp (N, T), ref_logp (N, T)  ->  (N, T)
+    """
+    x = ref_logp - logp
+    return (torch.expm1(x) - x).clamp_min(0.0)
+
+
+def clipped_policy_loss(logp: Tensor, old_logp: Tensor, adv: Tensor, eps_low: float, eps_high: float) -> Tensor:
+    """PPO clipped surrogate, per token (Schulman et al. 2017, arXiv:1707.06347, eq. 7)::
+
+        r    = exp(logp - old_logp)
+        loss = -min( r * A, clip(r, 1 - eps_low, 1 + eps_high) * A )
+
+    Asymmetric bounds as in DAPO / TRL ``epsilon`` / ``epsilon_high``.  Where the clipped term is
+    the minimum (``r > 1 + eps_high`` with ``A > 0``, or ``r < 1 - eps_low`` with ``A < 0``) the
+    token has zero gradient; elsewhere d loss / d logp = -r * A.  ``old_logp`` and ``adv`` are
+    constants of the update and are detached.  ``adv`` (N,) is broadcast over the tokens of its
+    sequence (GRPO); (N, T) gives per-token advantages (PPO with GAE).  No masking here: see
+    :func:`grpo_loss` / :func:`masked_reduce`.
+
+    logp (N, T), old_logp (N, T), adv (N,) | (N, T)  ->  (N, T)
+    """
+    adv = adv.detach()
+    if adv.dim() == 1:
+        adv = adv.unsqueeze(-1)  # (N, 1)
+    ratio = torch.exp(logp - old_logp.detach())  # (N, T)
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    return -torch.minimum(ratio * adv, clipped * adv)  # (N, T)
+
+
+def masked_reduce(x: Tensor, mask: Tensor, reduction: str, max_len: int = 0) -> Tensor:
+    """Reduce per-token values over the tokens where ``mask`` is true, to a scalar.
+
+    * ``"sequence"``: mean over each row's masked tokens, then mean over the N rows (TRL
+      ``loss_type="grpo"``; every sequence weighs the same, whatever its length).
+    * ``"token"``: masked sum / number of masked tokens (TRL ``"bnpo"``, and ``"dapo"`` on a
+      single process; every token weighs the same).
+    * ``"constant"``: masked sum / (N * max_len) (TRL ``"dr_grpo"``, Dr. GRPO's length-unbiased
+      constant normaliser; ``max_len`` > 0 required, e.g. the maximal completion length).
+    * ``"sum"``: plain masked sum.
+
+    A row with no masked token contributes 0 (and still counts as a row for ``"sequence"``, as in
+    TRL); an all-False mask gives 0.  Unmasked entries are selected away (any value, zero
+    gradient).  Unknown reduction: ValueError.
+
+    x (N, T), mask (N, T)  ->  scalar
+    """
+    if reduction not in RL_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {RL_REDUCTIONS}, got {reduction!r}")
+    keep = _valid(mask, x)
+    vals = _zeros_where_not(keep, x)
+    if reduction == "sum":
+        return vals.sum()
+    if reduction == "token":
+        return vals.sum() / keep.sum().clamp_min(1).to(x.dtype)
+    if reduction == "constant":
+        if max_len <= 0:
+            raise ValueError(f"reduction 'constant' needs max_len > 0, got {max_len}")
+        return vals.sum() / (x.shape[0] * max_len)
+    per_row = vals.sum(-1) / keep.sum(-1).clamp_min(1).to(x.dtype)  # (N,)
+    return per_row.mean() if per_row.numel() else per_row.sum()
+
+
+def grpo_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    ref_logp: Optional[Tensor],
+    adv: Tensor,
+    mask: Tensor,
+    beta: float,
+    eps_low: float,
+    eps_high: float,
+    reduction: str = "sequence",
+    max_len: int = 0,
+) -> Tuple[Tensor, dict[str, float]]:
+    """GRPO objective (Shao et al. 2024, arXiv:2402.03300; TRL ``GRPOTrainer`` semantics)::
+
+        per_token = clipped_policy_loss(logp, old_logp, adv) + beta * kl_k3(logp, ref_logp)
+        loss      = masked_reduce(per_token, mask, reduction, max_len)
+
+    ``logp`` are the current policy's log-probs of the sampled completion tokens (with gradient),
+    ``old_logp`` those at collection time (``logp.detach()`` for one update per collection, when
+    the ratio is 1 and the gradient is REINFORCE with the group baseline), ``ref_logp`` the frozen
+    reference model's (may be None when ``beta == 0``); the three are detached where appropriate.
+    ``mask`` selects the tokens the policy generated: tokens it did not choose (retrieved
+    ``<information>`` text inserted into a rollout, padding) get exactly zero gradient from both
+    terms -- every input is replaced by 0 there *before* any arithmetic, so even -inf log-probs
+    cannot produce a NaN.
+
+    Returns ``(loss, stats)`` with float stats over the masked tokens (token-weighted means):
+    ``"kl"`` mean k3 (0.0 without ``ref_logp``), ``"ratio"`` mean ``exp(logp - old_logp)``,
+    ``"clip_fraction"`` the share of tokens whose ratio was clipped in the direction that removes
+    their gradient (``r < 1 - eps_low`` with ``A < 0`` or ``r > 1 + eps_high`` with ``A > 0``, TRL's
+    ``clip_ratio/region_mean``).
+
+    logp, old_logp, ref_logp (N, T), adv (N,) | (N, T), mask (N, T)  ->  (scalar, dict)
+    """
+    if logp.dim() != 2 or old_logp.shape != logp.shape:
+        raise ValueError(f"logp and old_logp must both be (N,T), got {tuple(logp.shape)}, {tuple(old_logp.shape)}")
+    if beta != 0.0 and ref_logp is None:
+        raise ValueError("grpo_loss: ref_logp is required when beta != 0")
+    keep = _valid(mask, logp)
+    lp = _zeros_where_not(keep, logp)
+    old = _zeros_where_not(keep, old_logp.detach().to(logp.dtype))
+    adv = adv.detach().to(logp.dtype)
+    per_token = clipped_policy_loss(lp, old, adv, eps_low, eps_high)  # (N, T)
+    kl = None
+    if ref_logp is not None:
+        if ref_logp.shape != logp.shape:
+            raise ValueError(f"ref_logp {tuple(ref_logp.shape)} must match logp {tuple(logp.shape)}")
+        kl = kl_k3(lp, _zeros_where_not(keep, ref_logp.detach().to(logp.dtype)))  # (N, T)
+        if beta != 0.0:
+            per_token = per_token + beta * kl
+    loss = masked_reduce(per_token, keep, reduction, max_len)
+
+    with torch.no_grad():
+        n_tok = keep.sum().clamp_min(1).to(logp.dtype)
+        ratio = torch.exp(lp.detach() - old)  # (N, T)
+        a = adv.unsqueeze(-1) if adv.dim() == 1 else adv
+        clipped = ((ratio < 1.0 - eps_low) & (a < 0)) | ((ratio > 1.0 + eps_high) & (a > 0))
+        stats = {
+            "kl": float(_zeros_where_not(keep, kl.detach()).sum() / n_tok) if kl is not None else 0.0,
+            "clip_fraction": float((clipped & keep).sum().to(logp.dtype) / n_tok),
+            "ratio": float(_zeros_where_not(keep, ratio).sum() / n_tok),
+        }
+    return loss, stats
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> Tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, arXiv:1506.02438, eq. 16)::
+
+        delta_t = r_t + gamma * V(s_{t'}) - V(s_t)
+        A_t     = delta_t + gamma * lam * A_{t'}
+        R_t     = A_t + V(s_t)                    (the value-function target)
+
+    over the masked (policy-generated) tokens of each row, where ``t'`` is the *next masked
+    token* after ``t``: unmasked positions (padding, retrieved text inserted into the rollout)
+    are skipped -- they are observations, not actions, and do not count as discount steps.
+    After a row's last masked token the episode has ended: ``V = 0`` and ``A = 0`` there.
+    Rewards at unmasked positions are ignored (put the outcome reward on the last generated
+    token).  Unmasked positions get advantage and return 0.  ``values[b, t] = V(s_t)``.
+    Advantages and returns are targets: computed without gradient.
+
+    rewards (N, T), values (N, T), mask (N, T)  ->  (advantages (N, T), returns (N, T))
+    """
+    if rewards.dim() != 2 or values.shape != rewards.shape:
+        raise ValueError(f"rewards and values must both be (N,T), got {tuple(rewards.shape)}, {tuple(values.shape)}")
+    keep = _valid(mask, rewards)
+    r = _zeros_where_not(keep, rewards.detach())
+    v = _zeros_where_not(keep, values.detach().to(r.dtype))
+    N, T = r.shape
+    adv = torch.zeros_like(r)
+    next_v = torch.zeros(N, dtype=r.dtype, device=r.device)
+    next_a = torch.zeros(N, dtype=r.dtype, device=r.device)
+    for t in range(T - 1, -1, -1):
+        m = keep[:, t]
+        a = r[:, t] + gamma * next_v - v[:, t] + gamma * lam * next_a  # (N,)
+        adv[:, t] = torch.where(m, a, torch.zeros((), dtype=r.dtype, device=r.device))
+        next_v = torch.where(m, v[:, t], next_v)
+        next_a = torch.where(m, a, next_a)
+    returns = _zeros_where_not(keep, adv + v)
+    return adv, returns
+
+
+def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float) -> Tensor:
+    """PPO value loss with value clipping (as in the PPO reference implementations)::
+
+        v_clip = old_v + clamp(v - old_v, -clip, clip)
+        loss   = 0.5 * masked_mean( max( (v - R)^2, (v_clip - R)^2 ) )
+
+    The pessimistic max stops the critic moving more than ``clip`` from its collection-time
+    prediction in a direction that lowers the loss.  ``clip <= 0`` disables clipping:
+    ``0.5 * masked_mean((v - R)^2)``.  ``old_values`` and ``returns`` are detached; the mean is
+    over all masked tokens (token-weighted; 0 if none), unmasked entries get zero gradient.
+
+    values, old_values, returns, mask (N, T)  ->  scalar
+    """
+    keep = _valid(mask, values)
+    v = _zeros_where_not(keep, values)
+    old = _zeros_where_not(keep, old_values.detach().to(v.dtype))
+    ret = _zeros_where_not(keep, returns.detach().to(v.dtype))
+    err = (v - ret) ** 2
+    if clip > 0:
+        v_clip = old + torch.clamp(v - old, -clip, clip)
+        err = torch.maximum(err, (v_clip - ret) ** 2)
+    return 0.5 * masked_reduce(err, keep, "token")
