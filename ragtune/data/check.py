@@ -4,6 +4,8 @@ Each file is classified as a corpus (records have `text` and no `question`) or a
 question set. A question of a file whose name does not contain "train" that is also in one that
 does (same id or question text) is reported as a leak.  Question files are checked against the ids of every corpus given
 (as a FILE or via corpus_path).  All files are checked even after failures.
+The OK line of a question file also says how many of its questions carry
+sub-queries (the per-hop chain multi-step strategies train on).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def _kind(records: list) -> str | None:
 
 
 def _check(paths: Sequence[str], corpus_path: str | None = None) -> list[tuple]:
-    """Returns (path, kind, n_valid, problems) per file, corpus_path first."""
+    """Returns (path, kind, n_valid, n_with_sub_queries, problems) per file, corpus_path first."""
     files = [str(corpus_path)] if corpus_path else []
     files += [str(p) for p in paths if str(p) not in files]
     read = {p: _read(p) for p in files}
@@ -50,14 +52,14 @@ def _check(paths: Sequence[str], corpus_path: str | None = None) -> list[tuple]:
         records, problems = read[p]
         ps = passages_from_records(records, p, None, problems)
         known = (known or set()) | {r.get("id") for _, r in records if isinstance(r.get("id"), str)}
-        results[p] = (p, "corpus", len(ps), problems)
+        results[p] = (p, "corpus", len(ps), 0, problems)
     questions = {}
     for p in files:
         records, problems = read[p]
         if kinds[p] == "questions":
             qs = questions_from_records(records, p, None, known, problems)
             questions[p] = qs
-            results[p] = (p, "questions", len(qs), problems)
+            results[p] = (p, "questions", len(qs), sum(bool(q.sub_queries) for q in qs), problems)
         elif kinds[p] is None:
             if records:
                 problems.append(
@@ -70,12 +72,12 @@ def _check(paths: Sequence[str], corpus_path: str | None = None) -> list[tuple]:
                 )
             elif not problems:
                 problems.append(Problem(p, 0, "<file>", "no records"))
-            results[p] = (p, None, 0, problems)
+            results[p] = (p, None, 0, 0, problems)
     # a question of a dev/test file that is also in a train file (same id or text) is a leak
     train = [q for p, qs in questions.items() if "train" in Path(p).name for q in qs]
     for p, qs in questions.items():
         if train and "train" not in Path(p).name:
-            results[p][3].extend(Problem(*pr) for pr in split_overlap({"train": train, "dev": qs}, {"dev": p}))
+            results[p][-1].extend(Problem(*pr) for pr in split_overlap({"train": train, "dev": qs}, {"dev": p}))
     for *_, problems in results.values():
         problems.sort(key=lambda pr: pr.line)  # parse errors were found first
     return [results[p] for p in files]
@@ -92,12 +94,13 @@ def main_check(paths: Sequence[str], corpus_path: str | None = None) -> int:
         print("ragtune data check: no files given", file=sys.stderr)
         return 1
     bad = False
-    for path, kind, n, problems in _check(paths, corpus_path):
+    for path, kind, n, n_sub, problems in _check(paths, corpus_path):
         for pr in problems:
             print(pr, file=sys.stderr)
         if problems:
             bad = True
+        elif kind == "corpus":
+            print(f"OK {path}: corpus, {n} passages")
         else:
-            what = "passages" if kind == "corpus" else "questions"
-            print(f"OK {path}: {kind}, {n} {what}")
+            print(f"OK {path}: questions, {n} questions, {n_sub} with sub-queries")
     return 1 if bad else 0

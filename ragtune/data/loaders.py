@@ -3,6 +3,11 @@
 All readers go through validate.py and raise one DataError listing every bad
 row (file, line, field).  Line numbers: physical 1-based line for .jsonl,
 1-based record index for .json / .parquet / HF datasets.
+
+Question keys: id, question, answers, gold_passage_ids, candidate_passage_ids,
+meta, sub_queries, sub_answers (the last two optional; absent or null = empty,
+and save_jsonl leaves them out when empty, so files of datasets without
+sub-queries look as they always did).  A field_map can rename any of them.
 """
 
 from __future__ import annotations
@@ -143,9 +148,18 @@ def load_hf(
     return Corpus(_finish(passages_from_records(records, file, field_map, problems), file, problems))
 
 
+# optional Question fields that save_jsonl writes only when non-empty
+_OMIT_WHEN_EMPTY = ("sub_queries", "sub_answers")
+
+
 def _as_dict(row) -> dict:
     if dataclasses.is_dataclass(row) and not isinstance(row, type):
-        return dataclasses.asdict(row)
+        d = dataclasses.asdict(row)
+        if isinstance(row, Question):
+            for k in _OMIT_WHEN_EMPTY:
+                if not d[k]:
+                    del d[k]
+        return d
     if isinstance(row, dict):
         return row
     raise TypeError(f"cannot save {type(row).__name__}; expected a dataclass or dict")

@@ -18,14 +18,56 @@ class Passage:
     text: str
 
 
+# meta["kind"] values whose hops do not depend on each other (see Question)
+PARALLEL_KINDS = frozenset({"comparison"})
+
+
 @dataclass
 class Question:
+    """One question with its answers and, optionally, its reasoning chain.
+
+    gold_passage_ids: the gold passages in hop order.
+    candidate_passage_ids: a pool (gold + distractors) for re-ranking setups.
+    meta: free-form; meta["kind"] is the question type: "single", "bridge" or
+        "comparison" (real datasets map their own types onto these).
+
+    Optional chain of sub-questions, one per hop, both empty when unknown (and
+    for single-hop questions, where the question itself is the only query):
+
+    sub_queries[i]: the search query that finds hop i's gold passage,
+        gold_passage_ids[i] (so, with gold ids, sub_queries is never the longer list).
+    sub_answers[i]: the answer of sub_queries[i].  Bridge question: the
+        intermediate entity, then the final answer (sub_answers[-1] is an
+        answer).  Comparison question: the value of each compared entity, from
+        which the answer follows.
+
+    Bridge sub-queries are sequential: sub_queries[1] names the intermediate
+    entity (sub_answers[0]), which is only known once hop 1 is answered.
+    Comparison sub-queries are independent and can be issued in parallel.  Use
+    `parallel_hops` (or `hops_parallel(q)`) rather than testing meta["kind"].
+    """
+
     id: str
     question: str
     answers: list[str]
     gold_passage_ids: list[str] = field(default_factory=list)  # in hop order
     candidate_passage_ids: list[str] = field(default_factory=list)
     meta: dict = field(default_factory=dict)  # e.g. {"kind": "bridge"}
+    sub_queries: list[str] = field(default_factory=list)  # one per hop, in hop order
+    sub_answers: list[str] = field(default_factory=list)  # answer of each sub-query
+
+    @property
+    def parallel_hops(self) -> bool:
+        """True when the hops are independent (comparison): sub-queries may be issued
+        together.  False for bridge, single-hop and untyped questions: issue them in order."""
+        return hops_parallel(self)
+
+
+def hops_parallel(q: Question) -> bool:
+    """Whether q's sub-queries are independent of each other (meta["kind"] "comparison").
+
+    Unknown or missing kinds count as sequential, which is always safe."""
+    return q.meta.get("kind") in PARALLEL_KINDS
 
 
 def passage_text(p: Passage) -> str:

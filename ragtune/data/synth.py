@@ -5,6 +5,12 @@ fact and asks single-hop, bridge (two hops, intermediate entity hidden) and
 comparison questions worded differently from the passages (templates.py).
 Each question carries its gold passages in hop order and a shuffled candidate
 pool of gold + distractors.  Same config -> identical output; O(n) in size.
+
+Bridge and comparison questions also carry their chain: one sub-query per hop,
+worded with the single-hop question templates, and its answer (Question
+documents the fields).  Sub-query wording is picked by a sha256 of the question
+text, never by the question rng, so everything else is exactly what generator
+version 1 produced for the same config; version 2 only adds the chains.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from .schema import Corpus, Question, RAGData
 from .templates import BRIDGE_QUESTIONS, COMPARISONS, RELATIONS, SINGLE_QUESTIONS
 from .world import World, build_world, render_passages
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: sub_queries / sub_answers (cache folders of 1 lack them)
 SPLITS = ("train", "dev", "test")
 KINDS = ("single", "bridge", "comparison")
 
@@ -148,6 +154,7 @@ class _QuestionMaker:
                     [self.w.obj_text(r2, mid)],
                     [(r1, i), (r2, mid)],
                     {"kind": "bridge", "relation": f"{r1}>{r2}", "template": t},
+                    chain=True,
                 )
             )
         return out
@@ -195,15 +202,32 @@ class _QuestionMaker:
                     [ans],
                     [(rel, a), (rel, b)],
                     {"kind": "comparison", "relation": name, "template": t},
+                    chain=True,
                 )
             )
         return out
 
-    def _q(self, text, answers, gold_facts, meta) -> Question:
+    def _q(self, text, answers, gold_facts, meta, chain: bool = False) -> Question:
         gold = [self.w.pids[r][i] for r, i in gold_facts]
         pool = gold + self._distractors(gold_facts, set(gold))
         self.rng.shuffle(pool)
-        return Question("", text, answers, gold, pool, meta)
+        q = Question("", text, answers, gold, pool, meta)
+        if chain:  # one sub-query per gold fact, so sub_queries[i] finds gold[i]
+            q.sub_queries = [self._sub_query(r, i, text) for r, i in gold_facts]
+            q.sub_answers = [self.w.obj_text(r, i) for r, i in gold_facts]
+        return q
+
+    def _sub_query(self, rel: str, subj: int, key: str) -> str:
+        """The single-hop question asking (rel, subj), for a chain.
+
+        The template (among the first n_question_templates) is chosen by a sha256
+        of key and rel, never by self.rng: drawing from it would change every
+        question generated after this one.  The two hops of a comparison share a
+        relation and hence a wording."""
+        tpls = SINGLE_QUESTIONS[rel]
+        n = min(len(tpls), self.k or len(tpls))
+        digest = hashlib.sha256(f"{key}\x1f{rel}".encode()).digest()
+        return tpls[int.from_bytes(digest[:8], "big") % n].format(s=self.w.subject_name(rel, subj))
 
     def _distractors(self, gold_facts, seen: set) -> list[str]:
         """Same-entity other facts, look-alike (same family) entities, same relation."""

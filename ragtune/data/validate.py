@@ -12,7 +12,16 @@ from typing import Container, Iterable, Mapping, Sequence
 from .schema import Passage, Problem, Question
 
 PASSAGE_FIELDS = ("id", "title", "text")
-QUESTION_FIELDS = ("id", "question", "answers", "gold_passage_ids", "candidate_passage_ids", "meta")
+QUESTION_FIELDS = (
+    "id",
+    "question",
+    "answers",
+    "gold_passage_ids",
+    "candidate_passage_ids",
+    "meta",
+    "sub_queries",
+    "sub_answers",
+)
 
 
 def check_field_map(field_map: Mapping[str, str] | None) -> dict:
@@ -118,6 +127,7 @@ def questions_from_records(
                         problems.append(Problem(file, line, key, f"unknown passage id {pid!r} (not in corpus)"))
             if ids[name] and len(set(ids[name])) != len(ids[name]):
                 problems.append(Problem(file, line, key, "repeated passage id"))
+        subs = _sub_chain(rec, fm, where, ids["gold_passage_ids"], problems)
         mkey, meta = _get(rec, fm, "meta")
         if meta is not None and not isinstance(meta, dict):
             problems.append(Problem(file, line, mkey, f"expected an object, got {type(meta).__name__}"))
@@ -130,9 +140,41 @@ def questions_from_records(
                 seen[qid] = line
         if len(problems) == n:
             out.append(
-                Question(qid, text, answers, ids["gold_passage_ids"], ids["candidate_passage_ids"], dict(meta or {}))
+                Question(
+                    qid,
+                    text,
+                    answers,
+                    ids["gold_passage_ids"],
+                    ids["candidate_passage_ids"],
+                    dict(meta or {}),
+                    *subs,
+                )
             )
     return out
+
+
+def _sub_chain(rec, fm, where, gold, problems) -> tuple[list, list]:
+    """sub_queries / sub_answers: optional lists of non-empty strings (absent, null or
+    [] = none); sub_answers only alongside sub_queries and of the same length;
+    at most one sub-query per gold passage when gold ids are given."""
+    queries = _string_list(rec, fm, "sub_queries", where, problems, required=False)
+    answers = _string_list(rec, fm, "sub_answers", where, problems, required=False)
+    qkey, akey = fm.get("sub_queries", "sub_queries"), fm.get("sub_answers", "sub_answers")
+    if queries and gold and len(queries) > len(gold):
+        problems.append(
+            Problem(
+                *where,
+                qkey,
+                f"{len(queries)} sub-queries but only {len(gold)} gold passages (sub_queries[i] finds gold[i])",
+            )
+        )
+    if answers and queries == []:
+        problems.append(Problem(*where, akey, f"sub-answers given without sub-queries (in '{qkey}')"))
+    elif answers and queries and len(answers) != len(queries):
+        problems.append(
+            Problem(*where, akey, f"{len(answers)} sub-answers for {len(queries)} sub-queries; lengths must match")
+        )
+    return queries or [], answers or []
 
 
 def split_overlap(splits: Mapping[str, Sequence[Question]], names: Mapping[str, str] | None = None) -> list:

@@ -55,7 +55,10 @@ def test_main_check_exit_codes(tmp_path, capsys):
     corpus, good, bad = _files(tmp_path)
     assert main_check([corpus, good]) == 0
     out = capsys.readouterr()
-    assert out.out.splitlines() == [f"OK {corpus}: corpus, 2 passages", f"OK {good}: questions, 1 questions"]
+    assert out.out.splitlines() == [
+        f"OK {corpus}: corpus, 2 passages",
+        f"OK {good}: questions, 1 questions, 0 with sub-queries",
+    ]
     assert main_check([corpus, bad]) == 1
     err = capsys.readouterr().err.splitlines()
     assert f"{bad}:2: answers: expected a list of strings, got str" in err and len(err) == 3
