@@ -144,6 +144,8 @@ class RetrieverConfig:
     temperature: float = positive(0.05)
     max_query_length: int = positive(32)
     max_passage_length: int = positive(64)
+    query_prefix: str = ""  # prepended to every query text (e5: "query: ", bge: an instruction)
+    passage_prefix: str = ""  # prepended to every passage text (e5: "passage: ")
     tiny: TinyModel = field(default_factory=TinyModel)
 
 
@@ -189,6 +191,20 @@ class GeneratorConfig:
     max_prompt_length: int = positive(128)
     max_answer_length: int = positive(16)
     max_new_tokens: int = positive(12)
+    # several passages in one prompt (readers of multi-step retrieval): {passages} is the passages,
+    # each rendered by `passage_format` ({i} 1-based, {passage}) and cut to `max_passage_tokens`
+    multi_prompt_template: str = "Passages:\n{passages}Question: {question}\nAnswer:"
+    passage_format: str = "({i}) {passage}\n"
+    max_passage_tokens: int = positive(48)
+    max_context_length: int = positive(512)  # prompt + generated + observed tokens of a rollout
+    chat_template: bool = False  # wrap prompts in the tokenizer's chat template (instruct models)
+    system_prompt: str = ""  # with chat_template: the system message ("" = none)
+    # sampling: built from these fields only (never the model's generation_config defaults)
+    temperature: float = positive(1.0)
+    top_p: float = positive(1.0)
+    top_k: int = nonneg(0)  # 0 = off
+    stop: List[str] = field(default_factory=list)  # extra stop strings of every sample call
+    logprob_chunk: int = positive(1024)  # target positions per LM-head chunk in token_logprobs
     lora: LoraConfig = field(default_factory=LoraConfig)
     tiny: TinyModel = field(default_factory=TinyModel)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)

@@ -18,7 +18,10 @@ its FLOPs counted for every strategy alike (`seconds_per_question` at `eval_batc
 `flops_per_question`). A predict that raises on a batch is retried question by question; a
 question that still fails gets an empty prediction and is counted in `errors` (never a crashed
 run, never a skipped question). Metrics a predictor reports must be declared in the strategy's
-`reports`; their means are emitted under their own names. Everything runs under
+`reports`; their means are emitted under their own names. Retrieval rounds and queries are core
+scores of every strategy (`rounds`, `queries`, `queries_per_round`): a predict dict may say how
+many sequential retrieval rounds and how many search queries it used (top-level `rounds`,
+`queries`); a core decoder searches once (1 and 1). Everything runs under
 `ledger.evaluating()`: reported, never counted as training cost. `METRICS` (ragtune.metrics)
 lists every score emitted here.
 """
@@ -135,7 +138,8 @@ def _strategy_predict(rag, batch: List[Question], ctx: StepContext, reports) -> 
         if len(batch) > 1:
             return [p for x in batch for p in (_strategy_predict(rag, [x], ctx, reports) or [None])]
         print(f"predict failed on question {batch[0].id}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-        return [{"prediction": "", "retrieved_ids": [], "metrics": {}, "error": f"{type(err).__name__}: {err}"}]
+        failed = {"prediction": "", "retrieved_ids": [], "rounds": 0, "queries": 0, "metrics": {}}
+        return [{**failed, "error": f"{type(err).__name__}: {err}"}]
     if out is None:
         return None
     if not isinstance(out, (list, tuple)) or len(out) != len(batch):
@@ -162,9 +166,15 @@ def _checked(strategy: str, p: dict, reports) -> dict:
     for name, v in vals.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise ValueError(f"strategy '{strategy}': metric '{name}' must be a finite number, got {v!r}")
+    for key in ("rounds", "queries"):
+        v = p.get(key, 1)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"strategy '{strategy}': '{key}' must be an int >= 0, got {v!r}")
     return {
         "prediction": p["prediction"],
         "retrieved_ids": [str(i) for i in ids],
+        "rounds": int(p.get("rounds", 1)),
+        "queries": int(p.get("queries", 1)),
         "metrics": {n: float(v) for n, v in vals.items()},
         **({"error": p["error"]} if "error" in p else {}),
     }
@@ -198,6 +208,8 @@ def score(
             **{f"single_step_recall@{k}": metrics.all_gold_at_k(s, gold, k) for k in ks},
             **dict(zip(("sp_precision", "sp_recall", "sp_f1"), sp or (None, None, None))),
             "retrieved_per_question": float(len(set(ids))),
+            "rounds": float(p.get("rounds", 1)),
+            "queries": float(p.get("queries", 1)),
             **p["metrics"],
         }
         if "error" in p:
@@ -206,9 +218,11 @@ def score(
     keys = (
         ["em", "f1"]
         + [f"{b}@{k}" for b in ("recall", "any_recall", "single_step_recall") for k in ks]
-        + ["sp_precision", "sp_recall", "sp_f1", "retrieved_per_question"]
+        + ["sp_precision", "sp_recall", "sp_f1", "retrieved_per_question", "rounds", "queries"]
     )
     out: Dict[str, object] = {key: metrics.mean([r[key] for r in rows]) for key in keys}
+    total_rounds = sum(r["rounds"] for r in rows)
+    out["queries_per_round"] = sum(r["queries"] for r in rows) / total_rounds if total_rounds else math.nan
     out.update(errors=sum("error" in r for r in rows), n=len(rows), normalization=metrics.NORMALIZATION)
     for name in reports:  # mean over the questions that reported it; absent if none did
         vals = [r[name] for r in rows if name in r]
@@ -216,7 +230,8 @@ def score(
             out[name] = sum(vals) / len(vals)
     for kind in sorted({q.meta.get("kind", "") for q in questions} - {""}):
         sel = [r for r, q in zip(rows, questions) if q.meta.get("kind") == kind]
-        for key in ["em"] + [f"{b}@{k}" for b in ("recall", "single_step_recall") for k in ks]:
-            out[f"{key}/{kind}"] = metrics.mean([r[key] for r in sel])
+        for key in metrics.PER_KIND:
+            for name in [key.replace("@k", f"@{k}") for k in ks] if "@k" in key else [key]:
+                out[f"{name}/{kind}"] = metrics.mean([r[name] for r in sel])
     out["predictions"] = rows
     return out

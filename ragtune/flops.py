@@ -2,7 +2,8 @@
 
 What: `ModelShape` (the matmul weights of a model, split into body, LM head and once-per-sequence
 pooler) and three formulas over (padded) sequence lengths: `forward_flops`, `backward_flops`
-(`train_flops` = both) and `generate_flops` (KV-cached decoding). The LM head is handled here
+(`train_flops` = both) and `generate_flops` (KV-cached decoding); `search_flops` estimates an index
+search per backend. The LM head is handled here
 once: every formula takes the number of positions per sequence the head runs on
 (`head_positions`; all of them by default), so a wrapper that scores only the answer positions or
 a prefill that keeps one logit never re-derives the head's share.
@@ -21,7 +22,7 @@ from typing import Any, Iterable, List, Optional, Sequence
 
 import torch
 
-__all__ = ["ModelShape", "forward_flops", "backward_flops", "train_flops", "generate_flops"]
+__all__ = ["ModelShape", "forward_flops", "backward_flops", "train_flops", "generate_flops", "search_flops"]
 
 
 @dataclass(frozen=True)
@@ -230,3 +231,27 @@ def generate_flops(
         ctx_sum = steps * p + steps * (steps + 1) // 2  # sum_{i=1..steps} (p + i)
         total += forward_flops(shape, [p], logits_to_keep) + steps * 2 * shape.matmul_params + 4 * A * ctx_sum
     return total
+
+
+def search_flops(backend: str, n_queries: int, n_passages: int, dim: int, cfg: Any = None) -> int:
+    """Estimated FLOPs of one index search of `n_queries` queries over `n_passages` of width `dim`
+    (2 FLOPs per multiply-add of the inner products; the top-k selection is not counted).
+
+    - exact / faiss_flat: every passage is scored: 2 * Q * N * d.
+    - faiss_ivf: the query against the `nlist` centroids, then the `nprobe` probed lists of about
+      N / nlist passages each: 2 * Q * d * (nlist + nprobe * N / nlist), with nlist as
+      `DenseIndex` builds it (min(ivf_nlist, N // 39)).
+    - faiss_hnsw: a graph walk of about efSearch (faiss's default 16) candidates whose 2 * M
+      bottom-layer neighbours are scored each, plus one per upper layer (log2 N): an estimate,
+      2 * Q * d * (16 * 2 * M + log2 N), not a count.
+    """
+    q, n, d = int(n_queries), int(n_passages), int(dim)
+    if backend in ("exact", "faiss_flat"):
+        return 2 * q * n * d
+    if backend == "faiss_ivf":
+        nlist = min(int(cfg.ivf_nlist), max(1, n // 39))
+        nprobe = min(int(cfg.ivf_nprobe), nlist)
+        return 2 * q * d * (nlist + -(-nprobe * n // nlist))
+    if backend == "faiss_hnsw":
+        return 2 * q * d * (16 * 2 * int(cfg.hnsw_m) + max(1, n).bit_length())
+    raise ValueError(f"unknown index backend {backend!r}")

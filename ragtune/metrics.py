@@ -125,13 +125,16 @@ METRICS: Dict[str, Metric] = {
     "sp_recall": Metric(True, "supporting passages: share of the gold ids the predictor retrieved"),
     "sp_f1": Metric(True, "supporting passages: F1 of sp_precision and sp_recall, per question"),
     "retrieved_per_question": Metric(False, "distinct passage ids the predictor retrieved, per question"),
+    "rounds": Metric(False, "retrieval rounds per question (sequential search calls; a single-step reader: 1)"),
+    "queries": Metric(False, "search queries issued per question (a single-step reader: 1)"),
+    "queries_per_round": Metric(False, "search queries per retrieval round: total queries / total rounds"),
     "errors": Metric(False, "questions whose predict raised (scored as an empty prediction)"),
     "seconds_per_question": Metric(False, "wall-clock of prediction per question, at eval_batch_size"),
     "flops_per_question": Metric(False, "evaluation FLOPs of prediction per question (analytic, ragtune.flops)"),
 }
 # Templates: "<name>@k" for every k of eval.recall_k; "<name>/<question kind>" for em, recall@k and
 # single_step_recall@k, one per question kind present (meta["kind"]: single, bridge, ...).
-PER_KIND = ("em", "recall@k", "single_step_recall@k")
+PER_KIND = ("em", "recall@k", "single_step_recall@k", "sp_recall", "sp_f1", "rounds")
 # The evaluator's result also holds these fields, which are not scores.
 INFO_FIELDS = ("n", "normalization", "decoder", "oracle", "eval_batch_size", "predictions")
 # Scores that measure time: they legitimately differ between two executions of the same run.

@@ -19,9 +19,10 @@ from torch import nn
 
 from ragtune.candidates import Candidates
 from ragtune.data import Corpus, Question
+from ragtune.flops import search_flops
 from ragtune.generator import Generator
 from ragtune.index import DenseIndex
-from ragtune.ledger import Ledger
+from ragtune.ledger import Ledger, clock
 from ragtune.losses import retrieval_entropy
 from ragtune.retriever import DualEncoder
 
@@ -145,8 +146,16 @@ class RAGPipeline(nn.Module):
         return self.retriever.encode_queries(list(questions))  # (B, H)
 
     def search(self, q: torch.Tensor, k: int) -> torch.Tensor:
-        """q (B, H) -> top-k rows (B, k) of the index, best first; no gradient, no texts."""
-        return self.index.search(q, k)[1]
+        """q (B, H) -> top-k rows (B, k) of the index, best first; no gradient, no texts. Charged
+        to the ledger as one `index` call of activity `score` (`eval` under evaluation), with
+        `ragtune.flops.search_flops`'s estimate for the backend and the measured seconds."""
+        t0 = clock()
+        rows = self.index.search(q, k)[1]
+        seconds = clock() - t0
+        backend = self.index.cfg.backend
+        flops = search_flops(backend, q.shape[0], len(self.index), q.shape[-1], self.index.cfg)
+        self.ledger.charge("index", "score", tokens=0, flops=flops, seconds=seconds)
+        return rows
 
     def passage_embeddings(self, rows: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """rows (...) -> (..., H): stored, or re-encoded with grad when the passage tower trains.

@@ -20,6 +20,11 @@ Lifecycle, in this order (the trainer guarantees it; see `ragtune.trainer`):
   (`resumed` is True when the phase continues from a checkpoint). `extra_state()` /
   `load_extra_state()` carry non-parameter state (a sample cache) through checkpoints.
 
+Two optional phase modes (declared on the `Phase`): `collect=True` (collect-then-learn: the
+trainer calls `collect(batch, rag, ctx)` without grad once per `updates` optimizer steps and feeds
+`loss` micro-batches of the experience) and `examples=True` (the phase iterates over
+`build_examples(phase, questions, rag)` instead of the training questions).
+
 `loss` returns `(loss, logs)`: `loss` is a scalar tensor (the trainer averages it over
 gradient-accumulation micro-batches and ranks) or a `LossSum(total, count)` (the trainer divides
 the summed totals by the total count over micro-batches and ranks, so accumulation equals one
@@ -79,6 +84,12 @@ class Phase:
     trains: FrozenSet[str]  # built-in components and/or trainable part names
     fraction: float = 1.0  # share of train.steps
     optim: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    # collect-then-learn: `collect` runs once (no grad) per `updates` optimizer steps; its
+    # experience is split into updates x grad_accum micro-batches, in order
+    collect: bool = False
+    updates: int = 1
+    # the phase iterates over `build_examples(...)` (e.g. SFT turns) instead of the questions
+    examples: bool = False
 
 
 @dataclass(frozen=True)
@@ -154,6 +165,23 @@ class Strategy(nn.Module):
     def loss(self, batch: Sequence[Question], rag, ctx: StepContext) -> Tuple[Any, Dict[str, float]]:
         raise NotImplementedError
 
+    def collect(self, batch: Sequence[Question], rag, ctx: StepContext) -> Tuple[List[Any], Dict[str, float]]:
+        """Phases with `collect=True`: experience from one batch of questions (rollouts, rewards,
+        old log-probs), run by the trainer without grad and with dropout off, once per `updates`
+        optimizer steps. Returns (items, logs); the trainer splits `items` into `updates *
+        grad_accum` contiguous micro-batches (at least one item each) that `loss` then receives in
+        place of questions. Checkpoints fall on collection boundaries only, so experience is
+        never saved: a resumed run collects again from the restored state and RNG."""
+        raise NotImplementedError(f"strategy '{self.name}' declares a collecting phase but no collect()")
+
+    def build_examples(self, phase: Phase, questions: Sequence[Question], rag) -> List[Any]:
+        """Phases with `examples=True`: the training items of the phase (e.g. SFT turns built from
+        gold chains), built once at the phase start from the training questions. Must be
+        deterministic (same list on every rank and on resume: the trainer rebuilds them when a run
+        resumes inside the phase and drops that rebuild's charges, so the logical cost is counted
+        once); batches are drawn from it by a resumable sampler and passed to `loss`."""
+        raise NotImplementedError(f"strategy '{self.name}' declares an example phase but no build_examples()")
+
     def on_step_end(self, rag, ctx: StepContext) -> None:
         """After each optimizer step (ctx.step counts it): Polyak updates, schedules."""
 
@@ -219,6 +247,12 @@ class Strategy(nn.Module):
                     )
                 if c in parts and not parts[c].trainable:
                     raise ValueError(f"strategy '{self.name}': phase '{ph.name}' trains frozen part '{c}'")
+            if ph.updates < 1 or (ph.updates > 1 and not ph.collect):
+                raise ValueError(
+                    f"strategy '{self.name}': phase '{ph.name}' has updates={ph.updates} (>= 1; > 1 needs collect)"
+                )
+            if ph.collect and ph.examples:
+                raise ValueError(f"strategy '{self.name}': phase '{ph.name}' cannot both collect and use examples")
             unknown = set(ph.optim) - set(OPTIM_KEYS) - {"lr"}
             if unknown:
                 raise ValueError(f"strategy '{self.name}': phase '{ph.name}' has unknown optim keys {sorted(unknown)}")

@@ -12,6 +12,11 @@ averaged over the logging window), evaluation and checkpoints (every rank's stra
 gathered and merged by `merge_extra_states`). Checkpoints hold everything needed for an exact
 resume, the log window too.
 
+A phase may instead collect then learn (`Phase.collect`: the strategy's `collect` runs without
+grad once per `Phase.updates` optimizer steps and its experience is split into micro-batches;
+checkpoints fall on collection boundaries) or iterate over strategy-built examples
+(`Phase.examples`: `build_examples` once at the phase start, with a resumable sampler of its own).
+
 Hook order (the contract in `ragtune.strategy`): setup (in `run.build_pipeline`) -> restore ->
 `on_phase_start(rag, ctx, resumed)` -> per step `loss` ... `on_step_end(rag, ctx)`.
 """
@@ -203,13 +208,13 @@ class Trainer:
                 sched.load_state_dict(state["sched"])
             self.strategy.on_phase_start(self.rag, self._ctx(phase, first, n_steps, opt), resumed)
             if opt is not None:
-                self._run_phase(pi, phase, n_steps, first, opt, sched, settings)
+                self._run_phase(pi, phase, n_steps, first, opt, sched, settings, state if resumed else None)
             self.rag.doc_trained = False
         self._sync_ledger()
         if self.tb:
             self.tb.close()
 
-    def _run_phase(self, pi, phase, n_steps, first, opt, sched, settings):
+    def _run_phase(self, pi, phase, n_steps, first, opt, sched, settings, state=None):
         from tqdm.auto import tqdm
 
         bar = tqdm(
@@ -219,9 +224,30 @@ class Trainer:
             disable=not (self.tc.progress and self.acc.is_main_process),
             leave=False,
         )
+        items, sampler = self._phase_data(phase, first, state)
+        if (phase.collect or phase.examples) and self.cfg.diagnostics.grad_variance_every:
+            raise ConfigError(
+                f"config key 'diagnostics.grad_variance_every': phase '{phase.name}' of "
+                f"'{self.strategy.name}' trains on collected experience or built examples, which the "
+                "gradient-variance diagnostic (fixed question batches) cannot replay; set it to 0"
+            )
+        if phase.collect and first % phase.updates:
+            raise RuntimeError(f"checkpoint at phase step {first} is not on a collection boundary of '{phase.name}'")
         self.rag.set_modes(phase.trains)
+        experience: List[list] = []
+        collect_logs: Dict[str, float] = {}  # logged on every step that learns from the collection
+        save_due = False
         for ps in range(first, n_steps):
-            logs = self._train_step(opt, sched, self._ctx(phase, ps, n_steps, opt), settings["clip_norm"])
+            ctx = self._ctx(phase, ps, n_steps, opt)
+            if phase.collect:
+                j = ps % phase.updates
+                if j == 0:
+                    experience, collect_logs = self._collect(phase, ctx, min(phase.updates, n_steps - ps))
+                micro = experience[j * self.tc.grad_accum : (j + 1) * self.tc.grad_accum]
+            else:
+                micro = [[items[i] for i in sampler.next()] for _ in range(self.tc.grad_accum)]
+            logs = self._train_step(opt, sched, ctx, settings["clip_norm"], micro)
+            logs.update(collect_logs)
             self._add_to_window(logs)
             self.step += 1
             self.strategy.on_step_end(self.rag, self._ctx(phase, ps + 1, n_steps, opt))
@@ -243,23 +269,13 @@ class Trainer:
                 self._log({"step": self.step, "phase": phase.name, **diag})
             if self.tc.eval_every and self.step % self.tc.eval_every == 0:
                 self._eval_dev(phase)
-            if (self.tc.save_every and self.step % self.tc.save_every == 0) or last:
-                self.check_finite_weights(opt)
-                self._sync_ledger()
-                extra = merged_extra_state(self.strategy)  # a collective: every rank, before the main-only write
-                if self.acc.is_main_process:
-                    self.ckpt.save(
-                        self.rag,
-                        self.sampler,
-                        opt,
-                        sched,
-                        step=self.step,
-                        phase_idx=pi + 1 if last else pi,
-                        phase_step=0 if last else ps + 1,
-                        trainer={"norm_window": dict(self.norm_window)},
-                        strategy_extra=extra,
-                    )
-                self.acc.wait_for_everyone()
+            # checkpoints fall on collection boundaries (experience is never saved): one due inside
+            # a collection is written at its end
+            save_due = save_due or bool(self.tc.save_every and self.step % self.tc.save_every == 0)
+            boundary = not phase.collect or (ps + 1) % phase.updates == 0
+            if (save_due and boundary) or last:
+                save_due = False
+                self._save(pi, ps, last, opt, sched, sampler if items is not self.train_qs else None)
             stop = self.cfg.debug.stop_after
             if stop and self.step >= stop:
                 raise KeyboardInterrupt(f"debug.stop_after={stop} reached")
@@ -267,19 +283,79 @@ class Trainer:
                 time.sleep(self.cfg.debug.step_sleep)
         bar.close()
 
-    def _train_step(self, opt, sched, ctx: StepContext, clip_norm: float) -> Dict[str, float]:
-        """One optimizer step over `grad_accum` micro-batches.
+    def _save(self, pi, ps, last, opt, sched, example_sampler) -> None:
+        self.check_finite_weights(opt)
+        self._sync_ledger()
+        extra = merged_extra_state(self.strategy)  # a collective: every rank, before the main-only write
+        if self.acc.is_main_process:
+            trainer = {"norm_window": dict(self.norm_window)}
+            if example_sampler is not None and not last:
+                trainer["example_sampler"] = example_sampler.state_dict()
+            self.ckpt.save(
+                self.rag,
+                self.sampler,
+                opt,
+                sched,
+                step=self.step,
+                phase_idx=pi + 1 if last else pi,
+                phase_step=0 if last else ps + 1,
+                trainer=trainer,
+                strategy_extra=extra,
+            )
+        self.acc.wait_for_everyone()
+
+    def _phase_data(self, phase: Phase, first: int, state: Optional[dict]):
+        """(items, sampler) a phase draws its batches from: the training questions and the run's
+        question sampler, or the strategy's examples (built now, deterministic) with a sampler of
+        their own, restored from the checkpoint when the run resumes inside the phase. The rebuild
+        on resume is not charged again: the checkpointed ledger already holds its cost."""
+        if not phase.examples:
+            return self.train_qs, self.sampler
+        resumed = first > 0
+        saved = self.rag.ledger.state_dict() if resumed else None
+        with self.rag.ledger.wall("train"), self.rag.scoring():
+            items = list(self.strategy.build_examples(phase, self.train_qs, self.rag))
+        if saved is not None:
+            self.rag.ledger.load_state_dict(saved)
+        if not items:
+            raise ValueError(f"strategy '{self.strategy.name}' built no examples for phase '{phase.name}'")
+        sampler = BatchSampler(
+            len(items), self.tc.batch_size, self.tc.seed, self.acc.process_index, self.acc.num_processes
+        )
+        if resumed:
+            sampler.load_state_dict(((state or {}).get("trainer") or {})["example_sampler"])
+        return items, sampler
+
+    def _collect(self, phase: Phase, ctx: StepContext, updates: int) -> Tuple[List[list], Dict[str, float]]:
+        """One collection: `grad_accum` question batches -> the strategy's experience, no grad and
+        dropout off, split into `updates * grad_accum` contiguous micro-batches."""
+        accum = self.tc.grad_accum
+        batch = [self.train_qs[j] for _ in range(accum) for j in self.sampler.next()]
+        with self.rag.ledger.wall("train"), self.acc.autocast(), self.rag.scoring():
+            items, logs = self.strategy.collect(batch, self.rag, ctx)
+        items = list(items)
+        n = updates * accum
+        if len(items) < n:
+            raise ValueError(
+                f"strategy '{self.strategy.name}' collected {len(items)} items for {n} micro-batches "
+                f"(phase '{phase.name}': updates={phase.updates} x train.grad_accum={accum})"
+            )
+        bounds = [round(i * len(items) / n) for i in range(n + 1)]
+        self.rag.set_modes(phase.trains)
+        return [items[bounds[i] : bounds[i + 1]] for i in range(n)], {f"collect/{k}": float(v) for k, v in logs.items()}
+
+    def _train_step(self, opt, sched, ctx: StepContext, clip_norm: float, micro: List[list]) -> Dict[str, float]:
+        """One optimizer step over the micro-batches `micro` (`grad_accum` of them).
 
         A tensor loss is averaged over micro-batches (and ranks, by the gradient all-reduce). A
         `LossSum` is summed and the gradients divided by the total count over micro-batches and
         ranks afterwards (gradients are linear in the loss), so accumulation equals one batch.
         """
-        accum = self.tc.grad_accum
+        accum = len(micro)
         totals: Dict[str, float] = {}
         sums: List[Tuple[float, float]] = []  # (loss total, count) of LossSum micro-batches
         with self.rag.ledger.wall("train"):
-            for i in range(accum):
-                batch = [self.train_qs[j] for j in self.sampler.next()]
+            for i, batch in enumerate(micro):
                 with self.acc.autocast():
                     out, logs = self.model(batch, ctx)
                 is_sum = isinstance(out, LossSum)

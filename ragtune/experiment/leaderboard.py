@@ -32,6 +32,8 @@ from ragtune.metrics import NORMALIZATION, get_metric
 CI_METRICS = ("em", "f1")
 # per-split numbers of the evaluation that are about its cost or health, not quality: a table of their own
 EVAL_COST = {
+    "rounds": ("rounds", ".2f"),
+    "queries_per_round": ("queries/round", ".2f"),
     "seconds_per_question": ("s/question", ".3g"),
     "flops_per_question": ("eval FLOPs/question", ".3g"),
     "eval_batch_size": ("eval batch", ".0f"),
@@ -100,8 +102,18 @@ def summarize(
     return row
 
 
+# per question kind (e.g. "sp_recall/bridge"): the multi-hop numbers kept in the row
+PER_KIND_KEPT = ("em", "sp_recall", "rounds")
+MULTI_HOP_KINDS = ("bridge", "comparison")
+
+
 def _is_metric(key: str, value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and key != "n" and "/" not in key
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or key == "n":
+        return False
+    if "/" in key:
+        base, kind = key.split("/", 1)
+        return base in PER_KIND_KEPT and kind in MULTI_HOP_KINDS
+    return True
 
 
 def sort_rows(
@@ -237,6 +249,31 @@ def decoder_cell(r: dict, splits: Sequence[str]) -> str:
     return next(iter(per.values()), "–")
 
 
+def multi_hop_table(rows: Sequence[dict], split: str) -> str:
+    """EM, supporting-passage recall and retrieval rounds on the multi-hop question kinds of `split`
+    (bridge, comparison); "" when no row has them."""
+    cols = [(b, k) for k in MULTI_HOP_KINDS for b in PER_KIND_KEPT if any(f"{split}_{b}/{k}_mean" in r for r in rows)]
+    if not cols:
+        return ""
+    lines = [
+        "| strategy | " + " | ".join(f"{split} {b.replace('_', ' ')} {k}" for b, k in cols) + " |",
+        "|" + "---|" * (len(cols) + 1),
+    ]
+    for r in rows:
+        cells = [
+            fmtnum(r.get(f"{split}_{b}/{k}_mean"), ".2f")
+            if b == "rounds"
+            else (
+                fmtnum(100 * num(r.get(f"{split}_{b}/{k}_mean")), ".1f")
+                if num(r.get(f"{split}_{b}/{k}_mean")) is not None
+                else "–"
+            )
+            for b, k in cols
+        ]
+        lines.append(f"| {r.get('label') or r['strategy']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def eval_cost_table(rows: Sequence[dict], splits: Sequence[str]) -> str:
     """Per split: seconds and eval FLOPs per question, eval batch size, questions whose predict
     failed; "" when no row has any of them."""
@@ -315,6 +352,9 @@ def write_leaderboard(
     evals = eval_cost_table(rows, splits)
     if evals:
         md += ["", "## Evaluation cost per question", "", evals]
+    multi = multi_hop_table(rows, splits[-1])
+    if multi:
+        md += ["", f"## Multi-hop questions ({splits[-1]}): EM, supporting-passage recall (%), rounds", "", multi]
     if any(r.get("search") for r in rows):
         md += ["", "## Search per strategy", ""] + [
             f"- {r['strategy']}: {r['search']}; runs: {r['n_runs']}, failed or diverged: {r['n_failed']}"

@@ -33,7 +33,7 @@ class Scripted(Strategy):
     """predict = a function of (batch, rag, ctx); declares one reported metric."""
 
     name = "scripted"
-    reports = {"rounds": "retrieval rounds"}
+    reports = {"hops": "retrieval hops"}
 
     def __init__(self, fn):
         super().__init__()
@@ -128,7 +128,7 @@ def test_predict_failing_on_one_question_counts_one_error(built, capsys):
         calls.append(len(b))
         if any(q.id == bad for q in b):
             raise RuntimeError("boom")
-        return [{"prediction": f"answer {q.id}", "retrieved_ids": [], "metrics": {"rounds": 2.0}} for q in b]
+        return [{"prediction": f"answer {q.id}", "retrieved_ids": [], "rounds": 2, "metrics": {"hops": 2.0}} for q in b]
 
     with strategy(m, Scripted(predict)):
         res = evaluate(m, qs, K, [1], BS)
@@ -137,22 +137,29 @@ def test_predict_failing_on_one_question_counts_one_error(built, capsys):
     assert rows[bad]["prediction"] == "" and rows[bad]["error"] == "RuntimeError: boom"
     assert all(rows[q.id]["prediction"] == f"answer {q.id}" and "error" not in rows[q.id] for q in qs if q.id != bad)
     assert calls == [4, 1, 1, 1, 1, 2]  # the failing batch is retried question by question
-    assert res["rounds"] == 2.0  # mean over the questions that reported it
+    assert res["hops"] == 2.0  # mean over the questions that reported it
+    # core rounds/queries: 2 rounds and 1 query (the default) per answered question, 0 for the failed one
+    n_ok = len(qs) - 1
+    assert res["rounds"] == pytest.approx(2 * n_ok / len(qs)) and rows[bad]["rounds"] == 0
+    assert res["queries_per_round"] == pytest.approx(n_ok / (2 * n_ok))
     assert bad in capsys.readouterr().err
 
 
 def test_undeclared_or_malformed_metrics_are_errors(built):
     _, data, m, _ = built
     with strategy(
-        m, Scripted(lambda b, rag, ctx: [{"prediction": "", "retrieved_ids": [], "metrics": {"hops": 1.0}} for _ in b])
+        m, Scripted(lambda b, rag, ctx: [{"prediction": "", "retrieved_ids": [], "metrics": {"depth": 1.0}} for _ in b])
     ):
-        with pytest.raises(ValueError, match="undeclared metrics \\['hops'\\]"):
+        with pytest.raises(ValueError, match="undeclared metrics \\['depth'\\]"):
             evaluate(m, data.dev[:2], K, [1], BS)
     with strategy(m, Scripted(lambda b, rag, ctx: [{"prediction": ""}])):  # one answer for two questions
         with pytest.raises(ValueError, match="for 2 questions"):
             evaluate(m, data.dev[:2], K, [1], BS)
+    bad_rounds = Scripted(lambda b, rag, ctx: [{"prediction": "", "rounds": 1.5} for _ in b])
+    with strategy(m, bad_rounds), pytest.raises(ValueError, match="'rounds' must be an int"):
+        evaluate(m, data.dev[:2], K, [1], BS)
     s = Scripted(lambda b, rag, ctx: None)
-    s.reports = {"em": "clashes with the evaluator's em"}
+    s.reports = {"rounds": "clashes with the evaluator's rounds"}
     with strategy(m, s), pytest.raises(ValueError, match="collides"):
         evaluate(m, data.dev[:2], K, [1], BS)
 
@@ -165,8 +172,14 @@ def test_time_and_flops_per_question_and_one_encoding(built):
     # the questions are encoded once per batch: the single-step search reuses the decoder's embeddings
     assert charged[("query_encoder", "eval")][1] == batches
     assert res["eval_batch_size"] == BS and res["seconds_per_question"] > 0
-    # on the core path everything charged is prediction
-    assert res["flops_per_question"] * len(qs) == pytest.approx(sum(f for f, _ in charged.values()))
+    # on the core path everything charged is prediction, except the single-step recall's own search
+    # (recall_k 5 > K: one more exact search per batch, measurement, not prediction)
+    search = 2 * BS * cfg.retriever.tiny.hidden * len(m.passage_texts)
+    extra = sum(
+        2 * min(BS, len(qs) - i) * cfg.retriever.tiny.hidden * len(m.passage_texts) for i in range(0, len(qs), BS)
+    )
+    assert charged[("index", "eval")][0] == 2 * extra and search > 0
+    assert res["flops_per_question"] * len(qs) == pytest.approx(sum(f for f, _ in charged.values()) - extra)
     assert res["flops_per_question"] > 0
 
 
@@ -184,10 +197,10 @@ def test_metrics_registry_is_exactly_what_is_emitted(built):
     assert keys == want
     # a strategy's reported metric appears under its own name, and only then
     with strategy(
-        m, Scripted(lambda b, rag, ctx: [{"prediction": "", "retrieved_ids": [], "metrics": {"rounds": 3}} for _ in b])
+        m, Scripted(lambda b, rag, ctx: [{"prediction": "", "retrieved_ids": [], "metrics": {"hops": 3}} for _ in b])
     ):
         rep = evaluate(m, qs, K, [1, 3], BS)
-    assert set(rep) - set(res) == {"rounds"} and rep["rounds"] == 3.0
+    assert set(rep) - set(res) == {"hops"} and rep["hops"] == 3.0
 
 
 def test_oracle_reads_gold_first_passages(built):

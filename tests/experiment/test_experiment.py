@@ -305,13 +305,13 @@ def test_any_recall_is_emitted_so_it_is_a_valid_select_metric():
 def test_strategy_reported_select_metric_needs_a_direction(tmp_path, monkeypatch):
     class Reporter(SameComponentTwice):
         name = "reporter"
-        reports = {"rounds": "retrieval rounds per question"}
+        reports = {"hops": "retrieval hops per question"}
 
     monkeypatch.setitem(REGISTRY, "reporter", Reporter)
     path = write_experiment(tmp_path, strategies=["reporter"])
     with pytest.raises(ConfigError, match="select.higher_is_better"):
-        load_experiment(str(path), ["select.metric=rounds"])
-    spec = load_experiment(str(path), ["select.metric=rounds", "select.higher_is_better=false"])
+        load_experiment(str(path), ["select.metric=hops"])
+    spec = load_experiment(str(path), ["select.metric=hops", "select.higher_is_better=false"])
     from ragtune.experiment.spec import metric_direction
 
     assert metric_direction(spec.select.metric, spec.select.higher_is_better) is False

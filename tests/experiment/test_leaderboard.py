@@ -134,29 +134,43 @@ def test_leaderboard_files_sorted_with_normalization(tmp_path):
 
 
 def test_strategy_reported_metrics_and_eval_cost_are_shown(tmp_path):
-    from ragtune.experiment.leaderboard import eval_cost_table, markdown_table
+    from ragtune.experiment.leaderboard import eval_cost_table, markdown_table, multi_hop_table
 
     r = _run(tmp_path, "m", [1, 0, 1, 0], 0.5, 10)
     for split, secs in (("dev", 0.02), ("test", 0.03)):
         r["scores"][split].update(
-            rounds=2.5, seconds_per_question=secs, flops_per_question=1.5e9, errors=0, eval_batch_size=32
+            hops=2.5,
+            rounds=2.0,
+            queries_per_round=1.5,
+            seconds_per_question=secs,
+            flops_per_question=1.5e9,
+            errors=0,
+            eval_batch_size=32,
+            **{"sp_recall/bridge": 0.75, "rounds/bridge": 2.0, "em/single": 0.5},
         )
     plain = summarize("plain", {}, [_run(tmp_path, "p", [1, 0, 0, 0], 0.2, 10)], [None], 1, 0, ["dev", "test"])
     multi = summarize("multi", {}, [r], [None], 1, 0, ["dev", "test"])
-    assert multi["test_rounds_mean"] == 2.5 and multi["dev_seconds_per_question_mean"] == 0.02
+    assert multi["test_hops_mean"] == 2.5 and multi["dev_seconds_per_question_mean"] == 0.02
+    # per-kind numbers: only the multi-hop kinds of the kept metrics reach the row
+    assert multi["test_sp_recall/bridge_mean"] == 0.75 and "test_em/single_mean" not in multi
     md = markdown_table([multi, plain], ["dev", "test"])
     head = md.splitlines()[0]
-    assert "test rounds" in head and "seconds" not in head  # cost per question has a table of its own
+    # a strategy-reported metric is in the main table; rounds and seconds are in the cost table
+    assert "test hops" in head and "seconds" not in head and "rounds" not in head
     assert "| 2.5 |" in md.splitlines()[2] and "| – |" in md.splitlines()[3]
     ev = eval_cost_table([multi, plain], ["dev", "test"])
     assert "dev s/question" in ev and "test eval FLOPs/question" in ev and "test errors" in ev
+    assert "test rounds" in ev and "test queries/round" in ev and "| 2.00 | 1.50 |" in ev
     assert "0.03" in ev and "1.5e+09" in ev
+    hop = multi_hop_table([multi, plain], "test")
+    assert "test sp recall bridge" in hop and "| multi | 75.0 | 2.00 |" in hop and "| plain | – | – |" in hop
     assert eval_cost_table([plain], ["dev", "test"]) == ""  # nothing reported: no table
     out = tmp_path / "out"
     out.mkdir()
     write_leaderboard(out, [multi, plain], "t", ["dev", "test"], "em", [0], {"samples": 10, "seed": 0}, "local")
     assert "## Evaluation cost per question" in (out / "leaderboard.md").read_text()
     assert "test_rounds_mean" in read_csv(out / "leaderboard.csv")[0]
+    assert "## Multi-hop questions (test)" in (out / "leaderboard.md").read_text()
 
 
 def test_decoder_column_per_strategy(tmp_path):
