@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from omegaconf import OmegaConf
 
 from ragtune.config import ConfigError, load_config, strategy_options
-from ragtune.experiment.spec import check_metric_computed, dir_name
+from ragtune.experiment.spec import base_strategy, check_metric_computed, dir_name, variant_overrides
 
 Lrs = Tuple[Tuple[str, float], ...]  # sorted (axis name, lr) pairs
 
@@ -106,10 +106,16 @@ def make_plan(spec, name: str) -> StrategyPlan:
     """Build the strategy from the experiment's options and derive its search from its phases."""
     from ragtune.strategies import get_strategy
 
-    base_overrides = list(spec.overrides) + [f"strategy.name={name}"] + list(spec.strategy_overrides.get(name, []))
+    base = base_strategy(spec, name)
+    base_overrides = (
+        list(spec.overrides)
+        + [f"strategy.name={base}"]
+        + variant_overrides(spec, name)
+        + list(spec.strategy_overrides.get(name, []))
+    )
     cfg = load_config(list(spec.base), base_overrides + ["run_dir=."])
     check_metric_computed(spec.select.metric, cfg.eval.recall_k)
-    cls = get_strategy(name)
+    cls = get_strategy(base)
     strategy = cls(strategy_options(cfg, cls.Options))
     phases = strategy.phases()
     _check_phase_keys(spec, name, [p.name for p in phases])
@@ -143,7 +149,7 @@ def _axis(spec, name: str, cfg, phases, comp: str, axis_name: str) -> Optional[A
     """The axis of `comp` in `phases`, its values from the grids or, failing that, the config."""
     one = phases[0].name if len(phases) == 1 else None
     values = None
-    for key in (name, "default"):
+    for key in dict.fromkeys((name, base_strategy(spec, name), "default")):
         grid = spec.grids.get(key) or {}
         phase_grid = grid.get(one) if one else None
         values = (phase_grid.get(comp) if isinstance(phase_grid, dict) else None) or (

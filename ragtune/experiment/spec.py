@@ -6,7 +6,10 @@ to report. Grids: `grids.<strategy or default>.<component>: [lrs]` searches that
 (a built-in one: query_encoder, doc_encoder, generator; a strategy's own parts share their
 family's axis); `grids.<strategy or default>.<phase>: {<component>: [lrs]}` applies to that
 phase only (phase-wise search of a strategy whose phases train the same component). The most
-specific entry wins (see ragtune.experiment.grid). Why a dataclass through the one structured
+specific entry wins (see ragtune.experiment.grid). `variants.<name>: {strategy, overrides}` runs a
+strategy with extra options under a name of its own (listed in `strategies`), e.g. a mode option
+compared against the default mode: its own row, run directories and `grids.<name>` (else the
+strategy's grid), so `ragtune compare --pair` can test the two. Why a dataclass through the one structured
 loader (`ragtune.config.load_structured`): a misspelt key is an error naming the key (exit 2)
 instead of a silently ignored setting that would make the comparison quietly wrong.
 """
@@ -30,6 +33,15 @@ class Select:
     metric: str = "em"  # a score the evaluator emits (ragtune.metrics.METRICS) or a strategy reports
     split: str = "dev"  # selection is on dev only (test is read for the selected point)
     higher_is_better: Optional[bool] = None  # required for a strategy-reported metric; else from ragtune.metrics
+
+
+@dataclass
+class Variant:
+    """A named variant of a strategy (`variants.<name>`): its own leaderboard row, grid
+    (`grids.<name>`, falling back to `grids.<strategy>`) and run directories, e.g. a mode option."""
+
+    strategy: str = MISSING  # a registered name or import path
+    overrides: List[str] = field(default_factory=list)  # key=value applied to its runs
 
 
 @dataclass
@@ -60,6 +72,7 @@ class ExperimentSpec:
     search: str = "phasewise"  # phasewise | product (full product even for phased strategies)
     grids: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # see the module docstring
     strategy_overrides: Dict[str, List[str]] = field(default_factory=dict)  # strategy -> extra key=value
+    variants: Dict[str, Variant] = field(default_factory=dict)  # name -> a strategy with its own overrides
     bootstrap: Bootstrap = field(default_factory=Bootstrap)
     ray: RayOptions = field(default_factory=RayOptions)
     out: str = ""  # "" = results/<name>
@@ -109,12 +122,22 @@ def strategy_names(spec) -> List[str]:
     )
     for n in names:
         try:
-            get_strategy(n)
+            get_strategy(base_strategy(spec, n))
         except ConfigError as e:
-            raise ConfigError(f"experiment key 'strategies': {str(e).split(': ', 1)[-1]}") from e
+            where = f"variants.{n}.strategy" if n in spec.variants else "strategies"
+            raise ConfigError(f"experiment key '{where}': {str(e).split(': ', 1)[-1]}") from e
     if not names or len(set(names)) != len(names):
         raise ConfigError("experiment key 'strategies': must be 'all' or a non-empty list without repeats")
     return names
+
+
+def base_strategy(spec, name: str) -> str:
+    """The strategy a name of the experiment runs: a variant's strategy, else the name itself."""
+    return spec.variants[name].strategy if name in spec.variants else name
+
+
+def variant_overrides(spec, name: str) -> List[str]:
+    return list(spec.variants[name].overrides) if name in spec.variants else []
 
 
 def dir_name(strategy: str) -> str:
@@ -197,6 +220,14 @@ def validate(spec) -> None:
     names = strategy_names(spec)
     from ragtune.strategies import REGISTRY
 
+    for v, var in spec.variants.items():
+        if v in REGISTRY:
+            raise ConfigError(f"experiment key 'variants.{v}': the name of a registered strategy")
+        if v not in names:
+            raise ConfigError(f"experiment key 'variants.{v}': not listed in 'strategies'")
+        for o in var.overrides:
+            if "=" not in o or o.split("=", 1)[0].strip() == "strategy.name":
+                raise ConfigError(f"experiment key 'variants.{v}.overrides': '{o}' (key=value, not strategy.name)")
     known = set(REGISTRY) | set(names)
     for key, grid in spec.grids.items():
         if key != "default" and key not in known:

@@ -317,3 +317,35 @@ def test_strategy_reported_select_metric_needs_a_direction(tmp_path, monkeypatch
     assert metric_direction(spec.select.metric, spec.select.higher_is_better) is False
     with pytest.raises(ConfigError, match="select.higher_is_better"):  # contradicts ragtune.metrics
         load_experiment(str(path), ["select.higher_is_better=false"])
+
+
+def test_variants_run_a_strategy_with_their_own_options_and_rows(tmp_path):
+    """`variants.<name>`: the base strategy's runs with extra overrides, under its own name (row,
+    run directories, grid `grids.<name>` else the base strategy's)."""
+    path = write_experiment(
+        tmp_path,
+        strategies=["joint", "joint_mean"],
+        variants={"joint_mean": {"strategy": "joint", "overrides": ["strategy.reduction=mean"]}},
+        grids={"joint": {"query_encoder": [1e-5], "generator": [1e-3, 3e-3]}, "joint_mean": {"generator": [2e-3]}},
+    )
+    spec = load_experiment(str(path))
+    assert strategy_names(spec) == ["joint", "joint_mean"]
+    plan = make_plan(spec, "joint_mean")
+    assert "strategy.name=joint" in plan.base_overrides and "strategy.reduction=mean" in plan.base_overrides
+    # its own generator grid, the base strategy's query-encoder grid
+    assert {a.component: a.values for a in plan.stages[0].axes} == {"query_encoder": (1e-5,), "generator": (2e-3,)}
+    assert "strategy.reduction=mean" not in make_plan(spec, "joint").base_overrides
+    fake = FakeLauncher()
+    assert run_experiment(spec, launcher=fake, echo=lambda s: None) == 0
+    rows = {r["strategy"]: r for r in _rows(tmp_path / "out" / "leaderboard.csv")}
+    assert set(rows) == {"joint", "joint_mean"} and rows["joint_mean"]["n_runs"] == "1"
+    assert all("joint_mean" in d for d in rows["joint_mean"]["run_dirs"].split(";"))
+    for names, bad, match in (
+        (["joint"], {"joint": {"strategy": "joint"}}, "registered strategy"),
+        (["joint"], {"other": {"strategy": "joint"}}, "not listed"),
+        (["joint_mean"], {"joint_mean": {"strategy": "nope"}}, "variants.joint_mean.strategy"),
+        (["joint_mean"], {"joint_mean": {"strategy": "joint", "overrides": ["strategy.name=vrag"]}}, "strategy.name"),
+    ):
+        p = write_experiment(tmp_path, strategies=names, variants=bad)
+        with pytest.raises(ConfigError, match=match):
+            load_experiment(str(p))
