@@ -78,6 +78,8 @@ def check_fields(obj: Any, prefix: str) -> None:
                 raise ConfigError(
                     f"config key '{key}': must be {'>' if meta['strict'] else '>='} {meta['min']}, got {val}"
                 )
+        if "max" in meta and val > meta["max"]:
+            raise ConfigError(f"config key '{key}': must be <= {meta['max']}, got {val}")
 
 
 def looks_local_path(name: str) -> bool:
@@ -201,7 +203,7 @@ class GeneratorConfig:
     system_prompt: str = ""  # with chat_template: the system message ("" = none)
     # sampling: built from these fields only (never the model's generation_config defaults)
     temperature: float = positive(1.0)
-    top_p: float = positive(1.0)
+    top_p: float = field(default=1.0, metadata={"min": 0, "strict": True, "max": 1.0})  # nucleus mass in (0, 1]
     top_k: int = nonneg(0)  # 0 = off
     stop: List[str] = field(default_factory=list)  # extra stop strings of every sample call
     logprob_chunk: int = positive(1024)  # target positions per LM-head chunk in token_logprobs

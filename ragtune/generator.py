@@ -1,27 +1,53 @@
-"""Generator: any HF causal LM (optionally with LoRA) reading one passage per prompt.
+"""Generator: any HF causal LM (optionally with LoRA) reading passages in its prompt.
 
-Four methods, precisely specified:
+Text-level methods, precisely specified:
 - `score_pairs(questions, passages, answers)`: per-token log p(y_t | prompt(x, z), y_<t) of N ragged
   triples (any number of passages per question) in one batched forward: (N, T) plus mask (N, T).
-- `answer_logprobs(questions, passages, answers)`: the same for K passages per question, (B, K, T)
+- `score_multi(questions, passage_lists, answers)`: the same with every prompt reading a list of
+  passages (`render_prompt`).
+- `answer_logprobs(questions, passages, answers)`: score_pairs for K passages per question, (B, K, T)
   plus the answer mask (B, T). Answer tokens are identical across k (RAG-Token needs that).
-- `generate(questions, passages)`: greedy decoding of one answer per (question, passage).
-- `sample(prompts, ...)`: stochastic decoding of raw prompts (rollouts).
-The prompt template comes from config (no model-name sniffing). Every call is charged to the
-ledger here, from the padded token counts, under `self.component` ("generator" by default; a copy
-used as a reference model is charged under its own name, see `copy_as`).
+- `generate(questions, passages)` / `generate_multi(questions, passage_lists)`: greedy decoding of
+  one answer per (question, passage) / per question reading all its passages.
+- `sample(prompts, ...)`: stochastic decoding of raw prompt texts.
+Prompts (`ragtune.prompts`): a prompt that fits generator.max_prompt_length is the template as is;
+one that does not gets its passages cut until it fits, never its instruction or question (a
+ValueError names a question that does not fit alone). Raw prompts of `sample` have no passage to
+cut and are left-truncated.
+Token-level methods (rollouts, policy gradients): `encode_text` / `decode_ids`, `render_prompt`
+(prompt ids, see `ragtune.prompts`), `token_logprobs(contexts, targets)` (log-probs of given ids,
+LM head in chunks) and `sample_ids(contexts)` (generated ids with their sampling log-probs, never
+re-tokenised). Sampling settings come from `generator.*` only, never from the model's own
+generation_config. The prompt templates come from config (no model-name sniffing). Every call is
+charged to the ledger here, from the padded token counts, under `self.component` ("generator" by
+default; a copy used as a reference model is charged under its own name, see `copy_as`).
 """
 
 from __future__ import annotations
 
 import copy
-from typing import List, Optional, Tuple
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from ragtune import prompts as prompting
 from ragtune.flops import ModelShape
 from ragtune.ledger import Ledger, clock
+
+
+@dataclass
+class Sampled:
+    """Output of `Generator.sample_ids`, one entry per context row."""
+
+    ids: List[List[int]]  # generated ids, up to and including the eos / the stop string's last token
+    logprobs: List[List[float]]  # log p(id | context, ids before) at the sampling temperature
+    finish: List[str]  # "eos" | "stop" (a stop string completed) | "length" (token budget spent)
+    texts: List[str]  # decode_ids(ids): callers use the ids, never a re-tokenisation of these
 
 
 class Generator(nn.Module):
@@ -44,10 +70,28 @@ class Generator(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    # ---- text, ids, prompts -----------------------------------------------------------------------
+    def encode_text(self, text: str) -> List[int]:
+        """Token ids of `text`, no special tokens added (observations, forced text)."""
+        return prompting.encode(self.tokenizer, text)
+
+    def decode_ids(self, ids: Sequence[int]) -> str:
+        """The text of token ids, special tokens (eos, pad) left out, nothing stripped."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
     def prompt(self, question: str, passage: str) -> str:
-        return self.cfg.prompt_template.format(question=question, passage=passage)
+        """The single-passage prompt text (`ragtune.prompts`): `prompt_template` as is whenever it
+        fits max_prompt_length, else with the passage cut until it fits (never the question)."""
+        return prompting.render(self.tokenizer, self.cfg, question, [passage])[0]
+
+    def render_prompt(self, question: str, passages: Sequence[str]) -> List[int]:
+        """Prompt ids of `question` reading `passages` (`ragtune.prompts`). One passage and no chat
+        template: exactly `_prompt_ids([prompt(question, passage)])[0]`, the historical ids."""
+        return prompting.render(self.tokenizer, self.cfg, question, passages)[1]
 
     def _prompt_ids(self, prompts: List[str]) -> List[List[int]]:
+        """Ids of raw prompt texts, left-truncated to max_prompt_length: a raw prompt (`sample`) has
+        no passage to cut. A prompt from `prompt` always fits, so it is never truncated here."""
         ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
         keep = self.cfg.max_prompt_length
         return [x[-keep:] for x in ids]  # left-truncate: the question sits at the end of the prompt
@@ -56,6 +100,7 @@ class Generator(nn.Module):
         ids = self.tokenizer([self.cfg.answer_prefix + a for a in answers], add_special_tokens=False)["input_ids"]
         return [x[: self.cfg.max_answer_length - 1] + [self.eos_id] for x in ids]
 
+    # ---- scoring ------------------------------------------------------------------------------------
     def answer_logprobs(
         self, questions: List[str], passages: List[List[str]], answers: List[str]
     ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -78,42 +123,109 @@ class Generator(nn.Module):
         N = len(questions)
         if not (N == len(passages) == len(answers)) or N == 0:
             raise ValueError(f"score_pairs needs equal, non-empty lists, got {N}, {len(passages)}, {len(answers)}")
-        p_ids = self._prompt_ids([self.prompt(q, p) for q, p in zip(questions, passages)])  # N lists
-        a_ids = self._answer_ids(list(answers))  # N lists
-        T = max(len(a) for a in a_ids)
-        seqs = [p + a for p, a in zip(p_ids, a_ids)]
+        p_ids = prompting.render_pairs(self.tokenizer, self.cfg, questions, passages)  # N lists
+        return self._logprobs(p_ids, self._answer_ids(list(answers)))
+
+    def score_multi(
+        self, questions: List[str], passage_lists: List[List[str]], answers: List[str]
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """score_pairs with each prompt reading a list of passages (`render_prompt`):
+        tok_lp (N, T) = log p(y_t | prompt(x, z_1..z_m), y_<t) (0 at padding), mask (N, T)."""
+        N = len(questions)
+        if not (N == len(passage_lists) == len(answers)) or N == 0:
+            raise ValueError(f"score_multi needs equal, non-empty lists, got {N}, {len(passage_lists)}, {len(answers)}")
+        p_ids = [self.render_prompt(q, ps) for q, ps in zip(questions, passage_lists)]
+        return self._logprobs(p_ids, self._answer_ids(list(answers)))
+
+    def token_logprobs(
+        self,
+        contexts: List[List[int]],
+        targets: List[List[int]],
+        loss_mask: Optional[List[List[float]]] = None,
+        temperature: float = 1.0,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """tok_lp (N, T) = log softmax(logits / temperature)[target_t] given context + target_<t, of
+        given ids (no tokenisation), and mask (N, T) = loss_mask (1 where None) x validity (0 at
+        padding); tok_lp is 0 where mask is 0. The LM head runs only on the positions predicting
+        targets, `generator.logprob_chunk` positions at a time (see `_chunked_logprobs`)."""
+        N = len(contexts)
+        if N != len(targets) or N == 0 or (loss_mask is not None and len(loss_mask) != N):
+            raise ValueError(f"token_logprobs needs equal, non-empty lists, got {N} contexts, {len(targets)} targets")
+        for i, c in enumerate(contexts):
+            if not c:
+                raise ValueError(f"token_logprobs: context {i} is empty (nothing predicts its first target)")
+            if loss_mask is not None and len(loss_mask[i]) != len(targets[i]):
+                raise ValueError(
+                    f"token_logprobs: row {i} has {len(targets[i])} targets, {len(loss_mask[i])} mask values"
+                )
+        return self._logprobs(contexts, targets, loss_mask, float(temperature), int(self.cfg.logprob_chunk))
+
+    def _logprobs(
+        self,
+        contexts: List[List[int]],
+        targets: List[List[int]],
+        loss_mask: Optional[List[List[float]]] = None,
+        temperature: float = 1.0,
+        chunk: Optional[int] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The one batched forward of every scoring call: right-padded context + target rows, hidden
+        states gathered at the positions predicting targets (N, T, H). chunk None: the LM head on
+        all of them at once (score_pairs' computation, bit-identical to what it always was); else
+        `_chunked_logprobs`. Charged once: padded rows, the head on the T target positions."""
+        N, T = len(contexts), max(len(a) for a in targets)
+        seqs = [list(c) + list(a) for c, a in zip(contexts, targets)]
         L = max(len(s) for s in seqs)
         dev = self.device
         input_ids = torch.full((N, L), self.pad_id, dtype=torch.long)
         attn = torch.zeros((N, L), dtype=torch.long)
-        pos = torch.zeros((N, T), dtype=torch.long)  # position predicting answer token t
-        targets = torch.full((N, T), self.pad_id, dtype=torch.long)
+        pos = torch.zeros((N, T), dtype=torch.long)  # position predicting target t
+        tgt = torch.full((N, T), self.pad_id, dtype=torch.long)
         mask = torch.zeros((N, T))
-        for i, (s, a) in enumerate(zip(seqs, a_ids)):
+        for i, (s, a) in enumerate(zip(seqs, targets)):
             input_ids[i, : len(s)] = torch.tensor(s)
             attn[i, : len(s)] = 1
-            start = len(p_ids[i]) - 1
+            start = len(contexts[i]) - 1
             pos[i, : len(a)] = torch.arange(start, start + len(a))
             pos[i, len(a) :] = start  # padding positions point at a valid place; masked below
-            targets[i, : len(a)] = torch.tensor(a)
-            mask[i, : len(a)] = 1.0
+            tgt[i, : len(a)] = torch.tensor(a, dtype=torch.long)
+            mask[i, : len(a)] = 1.0 if loss_mask is None else torch.tensor(loss_mask[i], dtype=torch.float32)
         input_ids, attn, pos = input_ids.to(dev), attn.to(dev), pos.to(dev)
         t0 = clock()
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable()):
             hidden = self._backbone(input_ids, attn)  # (N, L, H)
             idx = pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
             h = hidden.gather(1, idx)  # (N, T, H)
-            logits = self._lm_head()(h).float()  # (N, T, V)
-            lp = torch.log_softmax(logits, dim=-1)
-            tok_lp = lp.gather(-1, targets.to(dev).unsqueeze(-1)).squeeze(-1)  # (N, T)
+            if chunk is None:
+                logits = self._lm_head()(h).float()  # (N, T, V)
+                lp = torch.log_softmax(logits, dim=-1)
+                tok_lp = lp.gather(-1, tgt.to(dev).unsqueeze(-1)).squeeze(-1)  # (N, T)
+            else:
+                tok_lp = self._chunked_logprobs(h, tgt.to(dev), temperature, chunk)  # (N, T)
         mask = mask.to(dev)
-        tok_lp = tok_lp * mask
+        tok_lp = tok_lp * mask if chunk is None else torch.where(mask != 0, tok_lp, torch.zeros_like(tok_lp))
         seconds = clock() - t0
-        # the LM head ran on the T answer positions of each row only
+        # the LM head ran on the T target positions of each row only
         self.ledger.charge_model(
             self.component, self.shape(), [L] * N, head_positions=T, real_tokens=int(attn.sum()), seconds=seconds
         )
         return tok_lp, mask
+
+    def _chunked_logprobs(self, h: torch.Tensor, tgt: torch.Tensor, temperature: float, chunk: int) -> torch.Tensor:
+        """h (N, T, H), tgt (N, T) -> (N, T) log softmax(head(h) / temperature)[tgt], `chunk` positions
+        at a time, so at most (chunk, V) logits exist at once (never (N, T, V) in fp32); under grad
+        each chunk is checkpointed: its logits are recomputed in backward instead of kept."""
+        N, T, H = h.shape
+        head = self._lm_head()
+        flat_h, flat_t = h.reshape(N * T, H), tgt.reshape(N * T)  # (N*T, H), (N*T,)
+        grad = torch.is_grad_enabled() and (flat_h.requires_grad or any(p.requires_grad for p in head.parameters()))
+        out = []
+        for i in range(0, N * T, chunk):
+            x, t = flat_h[i : i + chunk], flat_t[i : i + chunk]
+            if grad:
+                out.append(checkpoint(_target_logprobs, head, x, t, temperature, use_reentrant=False))
+            else:
+                out.append(_target_logprobs(head, x, t, temperature))
+        return torch.cat(out).view(N, T) if out else flat_h.new_zeros((N, T), dtype=torch.float32)
 
     def trainable(self) -> bool:
         return any(p.requires_grad for p in self.model.parameters())
@@ -131,11 +243,20 @@ class Generator(nn.Module):
         head_dim = getattr(conf, "head_dim", None) or conf.hidden_size // conf.num_attention_heads
         return ModelShape.of(self.model, conf.num_hidden_layers, head_dim * conf.num_attention_heads)
 
+    # ---- decoding -----------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, questions: List[str], passages: List[str], max_new_tokens: Optional[int] = None) -> List[str]:
         """Greedy answer for each (question, passage) pair."""
-        prompts = [self.prompt(q, p) for q, p in zip(questions, passages)]
-        return self.sample(prompts, max_new_tokens=max_new_tokens, do_sample=False)
+        p_ids = prompting.render_pairs(self.tokenizer, self.cfg, questions, passages)
+        return [t.strip() for t in self.sample_ids(p_ids, max_new_tokens, do_sample=False).texts]
+
+    @torch.no_grad()
+    def generate_multi(
+        self, questions: List[str], passage_lists: List[List[str]], max_new_tokens: Optional[int] = None
+    ) -> List[str]:
+        """Greedy answer of each question reading all its passages in one prompt (`render_prompt`)."""
+        p_ids = [self.render_prompt(q, ps) for q, ps in zip(questions, passage_lists)]
+        return [t.strip() for t in self.sample_ids(p_ids, max_new_tokens, do_sample=False).texts]
 
     @torch.no_grad()
     def sample(
@@ -146,48 +267,201 @@ class Generator(nn.Module):
         temperature: float = 1.0,
         stop: Optional[List[str]] = None,
     ) -> List[str]:
-        """Decode a continuation of each raw prompt (left-padded batch, KV cache)."""
-        max_new = max_new_tokens or self.cfg.max_new_tokens
-        p_ids = self._prompt_ids(prompts)
-        L = max(len(p) for p in p_ids)
-        n = len(p_ids)
+        """Decode a continuation of each raw prompt (`_prompt_ids`, then `sample_ids`); stripped texts."""
+        out = self.sample_ids(self._prompt_ids(prompts), max_new_tokens, do_sample, temperature, stop)
+        return [t.strip() for t in out.texts]
+
+    @torch.no_grad()
+    def sample_ids(
+        self,
+        contexts: List[List[int]],
+        max_new_tokens: Union[int, Sequence[int], None] = None,
+        do_sample: bool = True,
+        temperature: Optional[float] = None,
+        stop: Optional[List[str]] = None,
+    ) -> Sampled:
+        """Continue each context (token ids) by HF generate: left-padded batch, KV cache.
+
+        Settings: `_generation_config` (never the model's own generation defaults); `temperature`
+        None = generator.temperature; `max_new_tokens` None = generator.max_new_tokens, or one
+        budget per row. A row ends at eos, at the token that completes a stop string
+        (generator.stop + `stop`, found in the decoded text of its new ids) or when its budget is
+        spent; its ids end there. `logprobs` are log softmax(logits / t)[id] of the untruncated
+        distribution (top_k / top_p shape the sampling only, as in TRL), recorded during decoding:
+        equal to `token_logprobs(contexts, ids, temperature=t)`. A context that, with its budget,
+        exceeds the model's positions raises a ValueError. Charged as `generate`.
+        """
+        n = len(contexts)
+        if n == 0:
+            return Sampled([], [], [], [])
+        new = max_new_tokens or self.cfg.max_new_tokens
+        budgets = [int(b) for b in new] if isinstance(new, (list, tuple)) else [int(new)] * n
+        t = float(self.cfg.temperature if temperature is None else temperature)
+        stops = [s for s in [*self.cfg.stop, *(stop or [])] if s]
+        self._check_contexts(contexts, budgets)
+        L = max(len(c) for c in contexts)
         input_ids = torch.full((n, L), self.pad_id, dtype=torch.long)
         attn = torch.zeros((n, L), dtype=torch.long)
-        for i, p in enumerate(p_ids):
-            input_ids[i, L - len(p) :] = torch.tensor(p)
-            attn[i, L - len(p) :] = 1
+        for i, c in enumerate(contexts):
+            input_ids[i, L - len(c) :] = torch.tensor(c, dtype=torch.long)
+            attn[i, L - len(c) :] = 1
+        record, ends = _StepLogprobs(t), _RowEnds(L, budgets, stops, self.decode_ids)
         t0 = clock()
-        out = self.model.generate(
-            input_ids=input_ids.to(self.device),
-            attention_mask=attn.to(self.device),
-            max_new_tokens=max_new,
-            do_sample=do_sample,
-            temperature=temperature if do_sample else None,
-            top_k=None,
-            top_p=None,
-            pad_token_id=self.pad_id,
-            eos_token_id=self.eos_id,
-            stop_strings=stop,
-            tokenizer=self.tokenizer if stop else None,
-        )
-        new = out[:, L:].cpu()
+        with _without_model_generation_defaults(self.model):
+            out = self.model.generate(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attn.to(self.device),
+                generation_config=self._generation_config(do_sample, max(budgets), t),
+                logits_processor=LogitsProcessorList([record]),
+                stopping_criteria=StoppingCriteriaList([ends]),
+            )
+        lp = record.finish(out[:, L:]).cpu()  # (n, S)
+        new_ids = out[:, L:].cpu()  # (n, S)
         seconds = clock() - t0
-        texts, n_new = [], []
-        for row in new.tolist():
-            cut = row.index(self.eos_id) + 1 if self.eos_id in row else len(row)
-            n_new.append(max(cut, 1))
-            texts.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+        ids, logprobs, finish = [], [], []
+        for i, row in enumerate(new_ids.tolist()):
+            cut, why = min(budgets[i], len(row)), "length"
+            if ends.stop_at[i] is not None and ends.stop_at[i] <= cut:
+                cut, why = ends.stop_at[i], "stop"
+            if self.eos_id is not None and self.eos_id in row[:cut]:
+                cut, why = row.index(self.eos_id) + 1, "eos"
+            ids.append(row[:cut])
+            logprobs.append(lp[i, :cut].tolist())
+            finish.append(why)
         # every row runs as many decoding steps as the longest one (finished rows keep computing)
-        steps = max(new.shape[1], 1)
+        steps = max(new_ids.shape[1], 1)
         self.ledger.charge_model(
             self.component,
             self.shape(),
             [L] * n,
             new_tokens=[steps] * n,
-            real_tokens=int(attn.sum()) + sum(n_new),
+            real_tokens=int(attn.sum()) + sum(max(len(x), 1) for x in ids),
             seconds=seconds,
         )
-        return texts
+        return Sampled(ids, logprobs, finish, [self.decode_ids(x) for x in ids])
+
+    def _check_contexts(self, contexts: List[List[int]], budgets: List[int]) -> None:
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if len(budgets) != len(contexts):
+            raise ValueError(f"sample_ids: {len(budgets)} token budgets for {len(contexts)} contexts")
+        for i, (c, b) in enumerate(zip(contexts, budgets)):
+            if not c:
+                raise ValueError(f"sample_ids: context {i} is empty")
+            if b < 1:
+                raise ValueError(f"sample_ids: row {i} has a budget of {b} new tokens (>= 1 needed)")
+            if limit and len(c) + b > limit:
+                raise ValueError(
+                    f"sample_ids: context {i} has {len(c)} tokens; with {b} new ones it exceeds the "
+                    f"model's {limit} positions"
+                )
+
+    def _generation_config(self, do_sample: bool, max_new: int, temperature: float) -> GenerationConfig:
+        """The HF generation settings, from ragtune's config alone: every field that shapes the
+        next-token distribution is pinned (neutral unless generator.* sets it)."""
+        kw = dict(
+            max_new_tokens=max_new,
+            min_new_tokens=0,
+            do_sample=do_sample,
+            num_beams=1,
+            num_return_sequences=1,
+            repetition_penalty=1.0,
+            encoder_repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            length_penalty=1.0,
+            renormalize_logits=False,
+            remove_invalid_values=False,
+            use_cache=True,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_id,
+        )
+        if do_sample:
+            kw.update(
+                temperature=temperature,
+                top_p=float(self.cfg.top_p),
+                top_k=int(self.cfg.top_k),  # 0 = off
+                typical_p=1.0,
+                epsilon_cutoff=0.0,
+                eta_cutoff=0.0,
+            )
+        return GenerationConfig(**kw)
+
+
+def _target_logprobs(head: nn.Module, x: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
+    """x (C, H) hidden states, t (C,) targets -> (C,) log softmax(head(x) / temperature)[t], at
+    least fp32."""
+    logits = head(x)  # (C, V)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    return torch.log_softmax(logits, dim=-1).gather(-1, t.unsqueeze(-1)).squeeze(-1)
+
+
+class _StepLogprobs(LogitsProcessor):
+    """Records log softmax(logits / t) of each generated token, leaving the scores unchanged.
+
+    HF calls the processors once per step with the ids so far and the step's fp32 logits; ragtune's
+    generation config enables no processor before this one and the sampling warpers (temperature,
+    top_k, top_p) run after it, so it sees the raw logits. The token chosen at step s is read at
+    step s + 1; `finish` reads the last one."""
+
+    def __init__(self, temperature: float):
+        self.t = temperature
+        self.prev: Optional[torch.Tensor] = None  # (n, V) log-probs of the last step
+        self.rows: List[torch.Tensor] = []  # (n,) per generated token
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.prev is not None:
+            self.rows.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.prev = torch.log_softmax(scores.float() / self.t, dim=-1)
+        return scores
+
+    def finish(self, new: torch.Tensor) -> torch.Tensor:
+        """new (n, S) generated ids -> (n, S) their log-probs."""
+        S = new.shape[1]
+        if S == 0:
+            return torch.zeros(new.shape, dtype=torch.float32)
+        if len(self.rows) < S:  # the last token (later steps, if any, were undone by generate)
+            self.rows.append(self.prev.gather(1, new[:, S - 1 : S]).squeeze(1))
+        return torch.stack(self.rows[:S], dim=1)
+
+
+class _RowEnds(StoppingCriteria):
+    """Ends row i once it has `budgets[i]` new tokens, or as soon as the decoded text of its new ids
+    contains a stop string (the number of new ids then is kept in `stop_at[i]`). Checked every
+    step, so a stop string is found when its last token arrives: only a tail of the new ids long
+    enough to hold any stop string (4 byte-level tokens per character, and a margin) is decoded."""
+
+    def __init__(self, start: int, budgets: List[int], stops: List[str], decode):
+        self.start, self.stops, self.decode = start, stops, decode
+        self.budgets = torch.tensor(budgets)
+        self.stop_at: List[Optional[int]] = [None] * len(budgets)
+        self.tail = 4 * max((len(s) for s in stops), default=0) + 8
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        n_new = input_ids.shape[1] - self.start
+        done = self.budgets <= n_new  # (n,)
+        if self.stops:
+            tails = input_ids[:, max(self.start, input_ids.shape[1] - self.tail) :].tolist()
+            for i, row in enumerate(tails):
+                if self.stop_at[i] is None and not done[i] and any(s in self.decode(row) for s in self.stops):
+                    self.stop_at[i] = n_new
+            done = done | torch.tensor([s is not None for s in self.stop_at])
+        return done.to(input_ids.device)
+
+
+@contextmanager
+def _without_model_generation_defaults(model: nn.Module) -> Iterator[None]:
+    """Hide the model's own generation_config while HF generate runs: in transformers >= 5 every
+    field the passed config leaves unset is filled from it (an instruct model's shipped
+    repetition penalty, top_k, suppressed tokens...), so an empty one stands in for it."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = getattr(base, "generation_config", None)
+    if saved is None:
+        yield
+        return
+    base.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        base.generation_config = saved
 
 
 def build_generator(cfg, texts: List[str], ledger: Ledger, seed: int, cache_dir: str = "") -> Generator:

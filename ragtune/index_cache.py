@@ -5,8 +5,8 @@ encoder built from a fixed seed), so every run used to re-embed the same corpus 
 run on the embedded default, hours for a Wikipedia-scale corpus). The embeddings are stored
 under `<data.cache_dir>/index/<key>.pt`, keyed by a SHA-256 over everything they depend on: the
 passage tower's weights, the tokenizer's vocabulary, the passage texts and the retriever's
-encoding settings (max length, pooling, normalisation) and the embedding batch size (which
-decides padding, hence the FLOPs charged).
+encoding settings (max length, pooling, normalisation, the passage prefix) and the embedding
+batch size (which decides padding, hence the FLOPs charged).
 
 The cost stays honest: the ledger records of the original build are stored beside the
 embeddings and replayed into the run's ledger on a hit (FLOPs, tokens, calls and the forward
@@ -36,7 +36,7 @@ def index_key(rag, batch_size: int) -> str:
     rc = rag.retriever.cfg
     spec = {
         "vocab": sorted(rag.retriever.tokenizer.get_vocab().items()),
-        "settings": [rc.max_passage_length, rc.pooling, bool(rc.normalize), int(batch_size)],
+        "settings": [rc.max_passage_length, rc.pooling, bool(rc.normalize), int(batch_size), rc.passage_prefix],
         "texts": hashlib.sha256("\x00".join(rag.passage_texts).encode()).hexdigest(),
     }
     h.update(json.dumps(spec).encode())

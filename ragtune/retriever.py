@@ -6,6 +6,11 @@ built-in query or passage tower, or a tower a strategy owns, e.g. a posterior en
 its own part). `encode_queries` / `encode_passages` are the two built-in calls of it. Towers are
 separate copies of the same initial encoder by default (query-side-only training keeps the index
 valid); `shared_towers` makes them one module. The ledger decides train vs score from grad mode.
+
+Text prefixes: `retriever.query_prefix` / `retriever.passage_prefix` (e5: "query: " / "passage: ",
+bge: an instruction) are prepended by `encode_queries` / `encode_passages` only. The generic
+`encode` embeds the texts it is given as they are: a strategy-owned tower that wants a prefix
+passes prefixed texts (`query_text` / `passage_text` give them).
 """
 
 from __future__ import annotations
@@ -36,12 +41,22 @@ class DualEncoder(nn.Module):
     def shared(self) -> bool:
         return self.doc_encoder is self.query_encoder
 
+    def query_text(self, text: str) -> str:
+        """A query as the query tower reads it: `retriever.query_prefix` + text."""
+        return self.cfg.query_prefix + text
+
+    def passage_text(self, text: str) -> str:
+        """A passage as the passage tower reads it: `retriever.passage_prefix` + text."""
+        return self.cfg.passage_prefix + text
+
     def encode_queries(self, texts: List[str], activity: Optional[str] = None) -> torch.Tensor:
-        """(B,) texts -> (B, H) embeddings from the production query tower."""
+        """(B,) texts -> (B, H) embeddings from the production query tower (query prefix added)."""
+        texts = [self.query_text(t) for t in texts]
         return self.encode(texts, self.query_encoder, "query_encoder", self.cfg.max_query_length, activity)
 
     def encode_passages(self, texts: List[str], activity: Optional[str] = None) -> torch.Tensor:
-        """(N,) texts -> (N, H) embeddings from the production passage tower."""
+        """(N,) texts -> (N, H) embeddings from the production passage tower (passage prefix added)."""
+        texts = [self.passage_text(t) for t in texts]
         return self.encode(texts, self.doc_encoder, "doc_encoder", self.cfg.max_passage_length, activity)
 
     def score(self, q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,15 @@ the pipeline is private:
   rag.gold_first_rows(batch, k, q=None) -> (B, k) gold passages first, padded with retrieved ones
   rag.search(q, k) -> rows (B, k)                 index search, no grad
   rag.rows_of(ids), rag.passage_texts, rag.corpus, rag.doc_trained
-  rag.retriever (towers, temperature), rag.generator (score_pairs, answer_logprobs, generate, sample)
+  rag.retriever (towers, temperature, query_text / passage_text: the configured prefixes)
+  rag.generator                                   score_pairs, answer_logprobs, score_multi (several
+                                                  passages per prompt), generate, generate_multi, sample;
+                                                  token level: encode_text, decode_ids, render_prompt,
+                                                  token_logprobs(contexts, targets, loss_mask) (chunked),
+                                                  sample_ids(contexts) -> ids, log-probs, finish reasons;
+                                                  copy_as(component) (a frozen reference copy)
+  ragtune.rollout.rollout(generator, prompt_ids, respond, max_turns, ...)
+                                                  batched multi-turn rollouts, observations masked out
   ragtune.candidates.Candidates                   rows + mask + source flags, `of`, `union`, `position`
   rag.scoring()                                   context: no grad, dropout off, restored afterwards
   rag.gather(obj) -> [obj per rank]               all-gather of picklable state (every rank must call it)

@@ -111,6 +111,10 @@ def test_non_positive_lr_per_component(comp, value):
         ("train.eps=0", "train.eps"),
         ("train.adamw_impl=magic", "train.adamw_impl"),
         ("debug.stop_after=-1", "debug.stop_after"),
+        ("generator.top_p=1.5", "generator.top_p"),
+        ("generator.top_p=0", "generator.top_p"),
+        ("generator.temperature=0", "generator.temperature"),
+        ("generator.max_passage_tokens=0", "generator.max_passage_tokens"),
         ("train.lr.posterior=0.1", "train.lr.posterior"),  # not a component of the strategy
         ("strategy.name=two_phase train.phase.bogus.lr.generator=0.1", "train.phase.bogus"),
         ("strategy.name=two_phase train.phase.generator.lr.reader=0.1", "train.phase.generator.lr.reader"),

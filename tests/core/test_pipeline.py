@@ -57,8 +57,9 @@ def test_answer_logprobs_match_independent_forward(built):
         n = len(a_ids[b])
         assert mask[b].tolist() == [1.0] * n + [0.0] * (T - n)
         for k in range(K):
-            prompt = gc.prompt_template.format(question=questions[b], passage=ctx[b][k])
-            p_ids = tok(prompt, add_special_tokens=False)["input_ids"][-gc.max_prompt_length :]
+            # the prompt's ids as the generator renders them (an over-long passage is cut, never the
+            # instruction or question: tests/core/test_prompts.py checks that rendering itself)
+            p_ids = gen.render_prompt(questions[b], [ctx[b][k]])
             full = torch.tensor([p_ids + a_ids[b]])
             with torch.no_grad():
                 logits = model(input_ids=full).logits[0].double()
