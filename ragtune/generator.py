@@ -340,6 +340,12 @@ class Generator(nn.Module):
         )
         return Sampled(ids, logprobs, finish, [self.decode_ids(x) for x in ids])
 
+    def context_limit(self) -> int:
+        """Tokens one sequence may hold: `generator.max_context_length`, at most the model's positions."""
+        limit = int(self.cfg.max_context_length)
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        return min(limit, int(positions)) if positions else limit
+
     def _check_contexts(self, contexts: List[List[int]], budgets: List[int]) -> None:
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if len(budgets) != len(contexts):

@@ -12,9 +12,10 @@ Per turn, one batched `Generator.sample_ids` call over the still-active rollouts
 prompt + ids so far), then ONE `respond(indices, turn_texts)` call for all of them (one batched
 retrieval per turn). After `max_turns` model turns without "done", `final_text` (if any) is
 appended as forced tokens and one last model turn is generated without a `respond` call; the
-rollout ends "forced" either way. Context budget: `generator.max_context_length` tokens of prompt
-+ ids; a model turn is cut where the budget ends and an observation or forced text that would not
-leave room for one more model token is not appended: the rollout then ends "length".
+rollout ends "forced" either way. Context budget: `generator.context_limit()` tokens of prompt +
+ids (max_context_length, at most the model's positions); a model turn is cut where the budget
+ends, and an observation or forced text that would not leave room for one more model token is
+not appended: the rollout then ends "length".
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def rollout(
 
     `stop`: stop strings of every model turn (besides generator.stop); `max_new_tokens`: per turn
     (None = generator.max_new_tokens); `temperature` None = generator.temperature."""
-    limit = int(generator.cfg.max_context_length)
+    limit = generator.context_limit()
     max_new = int(max_new_tokens or generator.cfg.max_new_tokens)
     trajs = [Trajectory(list(p)) for p in prompt_ids]
     active = []

@@ -12,12 +12,14 @@ from .independent import Independent
 from .joint import Joint
 from .jsa import JSA
 from .none import NoFineTuning
+from .rag_r1 import RAGR1
+from .rl_retriever import RLRetriever
 from .topk_marginal import TopKMarginal
 from .two_phase import TwoPhase
 from .vrag import VRAG
 
 REGISTRY: Dict[str, Type[Strategy]] = {
-    cls.name: cls for cls in (NoFineTuning, Independent, TwoPhase, Joint, TopKMarginal, VRAG, JSA)
+    cls.name: cls for cls in (NoFineTuning, Independent, TwoPhase, Joint, TopKMarginal, VRAG, JSA, RLRetriever, RAGR1)
 }
 
 

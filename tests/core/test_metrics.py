@@ -127,6 +127,9 @@ def test_metrics_registry():
     assert get_metric("any_recall@5") is METRICS["any_recall@k"]
     assert get_metric("single_step_recall@5/bridge") is METRICS["single_step_recall@k"]
     assert get_metric("em/single") is METRICS["em"]
-    for bad in ("bleu", "loss", "sp_f1/bridge", "em@5"):
+    assert (
+        get_metric("sp_recall/bridge") is METRICS["sp_recall"] and get_metric("rounds/comparison") is METRICS["rounds"]
+    )
+    for bad in ("bleu", "loss", "sp_precision/bridge", "queries/bridge", "em@5"):
         with pytest.raises(KeyError):
             get_metric(bad)

@@ -37,10 +37,14 @@ def _component_cases():
         phases = cls().phases()
         cases.append((name, (), ""))
         if len(phases) > 1:
-            cases += [(name, (), p.name) for p in phases]
+            # rag_r1's rl phase alone, from an untrained tiny model: every reward is 0, so GRPO's
+            # gradient is exactly 0 (correct); tests/strategies/test_rag_r1.py checks that phase
+            # with a reward that varies
+            cases += [(name, (), p.name) for p in phases if (name, p.name) != ("rag_r1", "rl")]
     cases += [
         ("joint", ("strategy.train_doc_encoder=true",), ""),
         ("independent", ("strategy.train_doc_encoder=true",), "retriever"),
+        ("rl_retriever", ("strategy.towers=state",), "rl"),
     ]
     return cases
 
@@ -112,7 +116,12 @@ def test_exactly_declared_components_change(tmp_path, name, extra, only):
     trainer.fit()
     changed = changed_components(before, snapshot(m))
     assert trainer.step == sum(n for _, _, n in phase_plan(phases, 2, only)) > 0 or not phases
+    # a frozen part changes only through the strategy's hooks (a Polyak target, a reference
+    # snapshot at a phase start), never through the optimizer: the strategies' own tests check how
+    frozen = {p.name for p in m.strategy.parts() if not p.trainable}
     for comp, names in changed.items():
+        if comp in frozen:
+            continue
         if comp in declared and before[comp]:
             assert names, f"{name}/{only or 'all'}: {comp} is declared trained but did not change"
         else:
