@@ -6,7 +6,7 @@
   ragtune data synth --out DIR [--seed N] ...    write the synthetic benchmark
   ragtune data check FILE...                     validate corpus/question files, report every bad row
   ragtune experiment EXPERIMENT.yaml [out=DIR] [key=value...]
-  ragtune compare DIR... [--metric em] [--format md|csv] [--plot FILE.png] [--pair A B]
+  ragtune compare DIR... [--metric em] [--format md|csv] [--plot FILE.png] [--pair A B] [--kind K]
 
 Exit codes: 0 ok, 1 failed run or bad data (or an unreadable file), 2 bad configuration,
 3 diverged run, 75 run directory busy (another process trains it), 130 interrupted.
@@ -204,8 +204,11 @@ def cmd_compare(args: List[str]) -> int:
     p.add_argument("--samples", type=int, default=10000, help="permutation test resamples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pair", nargs=2, action="append", default=[], metavar=("A", "B"), help="also test row A vs B")
+    p.add_argument(
+        "--kind", action="append", default=[], help="paired tests on questions of this kind only (repeatable)"
+    )
     ns = p.parse_args(args)
-    return compare.compare(ns.dirs, ns.metric, ns.split, ns.format, ns.plot, ns.samples, ns.seed, ns.pair)
+    return compare.compare(ns.dirs, ns.metric, ns.split, ns.format, ns.plot, ns.samples, ns.seed, ns.pair, ns.kind)
 
 
 COMMANDS = {

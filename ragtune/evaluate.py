@@ -196,6 +196,7 @@ def score(
         sp = metrics.supporting_prf(ids, gold)
         row = {
             "id": q.id,
+            "kind": q.meta.get("kind", ""),
             "question": q.question,
             "answers": q.answers,
             "prediction": p["prediction"],

@@ -87,10 +87,10 @@ def load_rows(d: Path) -> List[dict]:
     raise CompareError(f"{d}: neither an experiment directory (leaderboard.csv) nor a run directory ({rundir.RESULT})")
 
 
-def significance(rows: List[dict], split: str, metric: str, samples: int, seed: int) -> str:
+def significance(rows: List[dict], split: str, metric: str, samples: int, seed: int, kinds: Sequence[str] = ()) -> str:
     """Paired sign-flip permutation test between the first two rows on per-question scores (each
-    question's score averaged over a row's seeds)."""
-    return paired(rows[0], rows[1], split, metric, samples, seed)
+    question's score averaged over a row's seeds), on the questions of `kinds` (all when empty)."""
+    return paired(rows[0], rows[1], split, metric, samples, seed, kinds)
 
 
 def named_pair(rows: List[dict], a: str, b: str) -> tuple:
@@ -103,18 +103,19 @@ def named_pair(rows: List[dict], a: str, b: str) -> tuple:
     return by[a], by[b]
 
 
-def paired(a: dict, b: dict, split: str, metric: str, samples: int, seed: int) -> str:
-    pa, pb = per_question(a["_dirs"], split, metric), per_question(b["_dirs"], split, metric)
+def paired(a: dict, b: dict, split: str, metric: str, samples: int, seed: int, kinds: Sequence[str] = ()) -> str:
+    pa, pb = per_question(a["_dirs"], split, metric, kinds), per_question(b["_dirs"], split, metric, kinds)
     ids = [i for i in pa if i in pb]
+    what = f"{split} {metric}" + (f" on {'+'.join(kinds)} questions" if kinds else "")
     if not ids:
-        return f"paired test skipped: no per-question {split} {metric} shared by {_name(a)} and {_name(b)}"
+        return f"paired test skipped: no per-question {what} shared by {_name(a)} and {_name(b)}"
     xa, xb = [pa[i] for i in ids], [pb[i] for i in ids]
     p = paired_permutation_test(xa, xb, samples, seed)
     diff = (sum(xa) - sum(xb)) / len(ids)
     n_diff = sum(1 for x, y in zip(xa, xb) if x != y)
     how = "exact" if n_diff <= 16 else f"{samples} samples, seed {seed}"
     return (
-        f"paired test ({split} {metric}, {_name(a)} vs {_name(b)}): mean difference {100 * diff:+.2f} points "
+        f"paired test ({what}, {_name(a)} vs {_name(b)}): mean difference {100 * diff:+.2f} points "
         f"over {len(ids)} questions matched by id ({n_diff} differ), p = {p:.4g} "
         f"(two-sided sign-flip permutation test, {how})"
     )
@@ -176,9 +177,11 @@ def compare(
     samples: int = 10000,
     seed: int = 0,
     pairs: Sequence[Sequence[str]] = (),
+    kinds: Sequence[str] = (),
 ) -> int:
     """Print the comparison of `dirs`; returns the exit code (1 naming every bad directory or pair,
-    2 for an unknown metric). `pairs`: extra paired tests [(row a, row b)] besides the top two."""
+    2 for an unknown metric). `pairs`: extra paired tests [(row a, row b)] besides the top two;
+    `kinds`: the paired tests use only questions of these kinds (e.g. bridge, comparison)."""
     try:
         get_metric(metric)
     except KeyError as e:
@@ -219,11 +222,11 @@ def compare(
             print(f"\nsorted on {split} {metric}")
     ok = [r for r in rows if r.get("status", "ok") == "ok"]
     if len(ok) >= 2:
-        print(significance(ok, split, metric, samples, seed), file=sys.stderr if fmt == "csv" else sys.stdout)
+        print(significance(ok, split, metric, samples, seed, kinds), file=sys.stderr if fmt == "csv" else sys.stdout)
     for a, b in pairs:
         try:
             ra, rb = named_pair(ok, a, b)
-            print(paired(ra, rb, split, metric, samples, seed), file=sys.stderr if fmt == "csv" else sys.stdout)
+            print(paired(ra, rb, split, metric, samples, seed, kinds), file=sys.stderr if fmt == "csv" else sys.stdout)
         except CompareError as e:
             errors.append(str(e))
     if plot_path and ok:

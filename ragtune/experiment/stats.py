@@ -49,15 +49,23 @@ def paired_permutation_test(a: Sequence[float], b: Sequence[float], samples: int
     return float((1 + np.sum(np.abs(signs @ d) >= obs)) / (samples + 1))
 
 
-def per_question(run_dirs: Sequence[str], split: str, metric: str) -> Dict[str, float]:
+def per_question(run_dirs: Sequence[str], split: str, metric: str, kinds: Sequence[str] = ()) -> Dict[str, float]:
     """question id -> metric averaged over the given runs (seeds), from their per-question
-    predictions of `split`; only ids every run scored are kept."""
+    predictions of `split`; only ids every run scored are kept, and with `kinds` only questions of
+    those kinds (`meta.kind`: single, bridge, comparison). A question whose metric is undefined
+    (None: e.g. supporting-passage recall without gold ids) is left out."""
     tables: List[Dict[str, float]] = []
     for d in run_dirs:
         rows = rundir.read_predictions(d, split)
         if rows is None:
             return {}
-        tables.append({str(r["id"]): float(r[metric]) for r in rows if metric in r})
+        tables.append(
+            {
+                str(r["id"]): float(r[metric])
+                for r in rows
+                if r.get(metric) is not None and (not kinds or r.get("kind") in kinds)
+            }
+        )
     if not tables:
         return {}
     ids = [i for i in tables[0] if all(i in t for t in tables)]

@@ -133,3 +133,24 @@ def test_run_dir_cost_includes_the_init_from_chain(tmp_path):
     own = 10 * (1 + len("p2"))
     assert rc == 0 and int(float(row["flops_total_train"])) == own + 10 * (1 + len("p1"))
     assert float(row["wall_s"]) == 2.0
+
+
+def test_kind_restricts_the_paired_test_to_those_questions(tmp_path):
+    """--kind: the paired test reads only questions of that kind (and skips undefined values)."""
+    a = _run_dir(tmp_path, "a", [1.0] * 60 + [0.0] * 40)
+    b = _run_dir(tmp_path, "b", [0.0] * 60 + [1.0] * 40)
+    for d in (a, b):  # q0-q59 bridge, q60-q89 single, q90-q99 comparison with an undefined value
+        for fname in ("predictions.jsonl", "predictions_dev.jsonl"):
+            rows = [json.loads(x) for x in (d / fname).read_text().splitlines()]
+            for i, r in enumerate(rows):
+                r["kind"] = "bridge" if i < 60 else ("single" if i < 90 else "comparison")
+                if i >= 90:
+                    r["em"] = None
+            (d / fname).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, md = _call([a, b, "--pair", "s (b)", "s (a)", "--kind", "bridge", "--kind", "comparison"])
+    lines = [x for x in md.splitlines() if x.startswith("paired test")]
+    assert "on bridge+comparison questions" in lines[0] and "over 60 questions" in lines[0]
+    assert "+100.00" in lines[0] and "-100.00" in lines[1]
+    _, md = _call([a, b, "--kind", "single"])
+    line = next(x for x in md.splitlines() if x.startswith("paired test"))
+    assert "over 30 questions" in line and "-100.00" in line
