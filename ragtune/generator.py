@@ -447,7 +447,8 @@ class _RowEnds(StoppingCriteria):
         if self.stops:
             tails = input_ids[:, max(self.start, input_ids.shape[1] - self.tail) :].tolist()
             for i, row in enumerate(tails):
-                if self.stop_at[i] is None and not done[i] and any(s in self.decode(row) for s in self.stops):
+                # a stop string completed by the budget's last token is still a stop, not "length"
+                if self.stop_at[i] is None and any(s in self.decode(row) for s in self.stops):
                     self.stop_at[i] = n_new
             done = done | torch.tensor([s is not None for s in self.stop_at])
         return done.to(input_ids.device)

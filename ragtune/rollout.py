@@ -8,6 +8,8 @@ from their text), each with the log-prob it was sampled with, and the loss mask 
 tokens only (observations and forced text are 0), so `Generator.token_logprobs(prompt_ids, ids,
 loss_mask)` scores exactly the sampled tokens.
 
+A turn that ends with the model's end-of-sequence token ends its rollout ("eos") without a
+`respond` call (as Search-R1 / RAG-R1 do: nothing is searched after the model stopped).
 Per turn, one batched `Generator.sample_ids` call over the still-active rollouts (context =
 prompt + ids so far), then ONE `respond(indices, turn_texts)` call for all of them (one batched
 retrieval per turn). After `max_turns` model turns without "done", `final_text` (if any) is
@@ -34,7 +36,7 @@ class Trajectory:
     logprobs: List[float] = field(default_factory=list)  # sampling log-prob of each model token, 0.0 elsewhere
     turns: List[str] = field(default_factory=list)  # text of each model turn
     observations: List[str] = field(default_factory=list)  # text of each observation appended
-    finish: str = ""  # "done" | "forced" | "length"
+    finish: str = ""  # "done" | "eos" (the model ended its output: no respond call) | "forced" | "length"
 
     def context(self) -> List[int]:
         return self.prompt_ids + self.ids
@@ -84,6 +86,8 @@ def rollout(
             trajs[i].turns.append(out.texts[j])
             if out.finish[j] == "length" and budgets[j] == rooms[j]:
                 trajs[i].finish = "length"
+            elif out.finish[j] == "eos":  # the model ended its output: nothing to respond to
+                trajs[i].finish = "eos"
             else:
                 kept.append(i)
         return kept

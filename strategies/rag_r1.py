@@ -526,7 +526,10 @@ class RAGR1(Strategy):
                 out[n, : len(row)] = torch.tensor(row, dtype=torch.float32)
             return out.to(device=logp.device, dtype=logp.dtype)
 
-        old = padded([e.old_logprobs for e in items])
+        # one update per collection: the old policy is the current one, so the ratio is exactly 1
+        # (TRL's num_iterations=1); the sampling log-probs agree only to float noise (KV cache,
+        # padding) and are kept for later updates of the same collection
+        old = logp.detach() if o.updates == 1 else padded([e.old_logprobs for e in items])
         ref = padded([e.ref_logprobs for e in items]) if o.beta > 0 else None
         adv = torch.tensor([e.advantage for e in items], dtype=logp.dtype, device=logp.device)
         max_len = (o.max_turns + 1) * o.max_turn_tokens

@@ -159,6 +159,11 @@ class RLRetriever(Strategy):
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def setup(self, rag) -> None:
+        if self.opts.towers == "state" and rag.retriever.shared:
+            raise ConfigError(
+                "config key 'strategy.towers': 'state' trains the state tower only, but with "
+                "retriever.shared_towers=true it is the passage tower too; use towers=both"
+            )
         self.target_query = copy.deepcopy(rag.retriever.query_encoder)
         if self.opts.towers == "both":
             self.target_doc = copy.deepcopy(rag.retriever.doc_encoder)
@@ -290,8 +295,9 @@ class RLRetriever(Strategy):
     def _target_actions(self, rag, cands: Candidates) -> torch.Tensor:
         """The target passage tower's embeddings of a pool (N, P, H), each distinct row encoded once
         (`towers=state`: the passage tower never trains, so its target is the stored index)."""
-        if self.opts.towers == "state":
-            return rag.passage_embeddings(cands.rows, cands.mask)  # (N, P, H) stored, zeros at padding
+        if self.opts.towers == "state":  # the stored index (never re-encoded: the passage tower is fixed)
+            emb = rag.index.lookup(cands.rows)  # (N, P, H)
+            return emb * cands.mask.to(emb.device, emb.dtype).unsqueeze(-1)
         uniq, inverse = torch.unique(cands.rows[cands.mask], return_inverse=True)
         texts = [rag.retriever.passage_text(rag.passage_texts[r]) for r in uniq.tolist()]  # + passage prefix
         enc = rag.encode(texts, self.target_doc, "target_doc", rag.retriever.cfg.max_passage_length)  # (U, H)

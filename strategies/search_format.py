@@ -155,7 +155,10 @@ def final_turn(turns: Sequence[str], forced: bool, mode: str = "multi", max_quer
 def extract_answer(turns: Sequence[str], forced: bool, mode: str = "multi", max_queries: int = 3) -> str:
     """The final answer of a rollout from its model turns only; "" when it gave none."""
     t = final_turn(turns, forced, mode, max_queries)
-    return t.answer if t.action == "answer" else ""
+    if t.action != "answer":
+        return ""
+    # a forced answer in which the model searched again: the answer ends where the search begins
+    return t.answer.split(SEARCH_OPEN, 1)[0].strip()
 
 
 def well_formed(turns: Sequence[str], forced: bool, mode: str = "multi", max_queries: int = 3) -> bool:

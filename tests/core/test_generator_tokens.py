@@ -223,6 +223,9 @@ def test_eos_and_stop_strings_end_rows_and_cut_their_ids():
         hit = [j for j in range(1, 9) if piece in g.decode_ids(free.ids[i][:j])]
         assert out.ids[i] == free.ids[i][: hit[0] if hit else 8]
         assert out.finish[i] == ("stop" if hit else "length")
+    # a stop string completed by the budget's last token is a stop, not a length cut
+    last = g.sample_ids(ctx[:1], max_new_tokens=3, do_sample=False, stop=[piece])
+    assert last.finish == ["stop"] and last.ids[0] == free.ids[0][:3]
     g.cfg.stop = [piece]  # generator.stop applies to every call
     assert g.sample_ids(ctx[:1], max_new_tokens=8, do_sample=False).ids[0] == free.ids[0][:3]
     g.cfg.stop = []

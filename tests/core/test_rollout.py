@@ -96,10 +96,21 @@ def test_respond_once_per_turn_with_all_active_rollouts_and_exact_scores(gen):
     _check_scores(gen, trajs)
 
 
+def _seed_without_eos(gen, prompts, **kw) -> int:
+    """A torch seed under which no turn of these rollouts samples the end-of-sequence token (an eos
+    ends a rollout early, which the tests of the other endings must not run into)."""
+    for seed in range(100):
+        torch.manual_seed(seed)
+        if not any(t.finish == "eos" for t in rollout(gen, prompts, Responder(never=0), temperature=T, **kw)):
+            return seed
+    raise AssertionError("every seed sampled an eos")
+
+
 def test_the_forced_final_turn(gen):
     prompts = _prompts(gen, 3)
     responder = Responder(never=0)  # never done
-    torch.manual_seed(1)
+    seed = _seed_without_eos(gen, prompts, max_turns=2, final_text=" Final answer:")
+    torch.manual_seed(seed)
     trajs = rollout(gen, prompts, responder, max_turns=2, final_text=" Final answer:", temperature=T)
     assert len(responder.calls) == 2  # the forced turn is not passed to respond
     forced = gen.encode_text(" Final answer:")
@@ -114,10 +125,33 @@ def test_the_forced_final_turn(gen):
         assert gen.decode_ids(t.ids[len(t.ids) - n_last :]) == t.turns[-1]
     _check_scores(gen, trajs)
     # without a final text: ends "forced" after the max_turns model turns, nothing appended
-    torch.manual_seed(1)
+    torch.manual_seed(_seed_without_eos(gen, prompts, max_turns=2))
     plain = rollout(gen, prompts, Responder(never=0), max_turns=2, temperature=T)
     assert [t.finish for t in plain] == ["forced"] * 3 and all(len(t.turns) == 2 for t in plain)
     assert all(t.ids[-len(forced) :] != forced for t in plain)
+
+
+def test_a_turn_ending_with_eos_ends_its_rollout_without_respond(gen, monkeypatch):
+    """The model's end-of-sequence ends its rollout ("eos"): no respond call, no observation."""
+    real = gen.sample_ids
+    calls = []
+
+    def eos_in_row_0_of_turn_1(contexts, *a, **kw):
+        out = real(contexts, *a, **kw)
+        calls.append(len(contexts))
+        if len(calls) == 1:
+            out.finish[0] = "eos"
+        return out
+
+    prompts = _prompts(gen, 3)
+    seed = _seed_without_eos(gen, prompts, max_turns=2)
+    monkeypatch.setattr(gen, "sample_ids", eos_in_row_0_of_turn_1)
+    responder = Responder(never=0)
+    torch.manual_seed(seed)
+    trajs = rollout(gen, prompts, responder, max_turns=2, temperature=T)
+    assert trajs[0].finish == "eos" and len(trajs[0].turns) == 1 and not trajs[0].observations
+    assert [c[0] for c in responder.calls] == [[1, 2], [1, 2]] and calls == [3, 2]
+    assert [t.finish for t in trajs[1:]] == ["forced", "forced"]
 
 
 def test_a_rollout_stops_at_the_context_length(gen):

@@ -429,3 +429,19 @@ def test_resume_mid_rl_is_bit_identical(tmp_path, monkeypatch):
     assert any(r.get("phase") == "rl" and r.get("grad_norm", 0) > 0 for r in rows)
     assert rows == step_lines(b / "metrics.jsonl")
     assert timeless(ra["test"]) == timeless(rb["test"])
+
+
+@pytest.mark.parametrize("updates", [1, 2])
+def test_one_update_per_collection_has_ratio_exactly_one(tmp_path, monkeypatch, updates):
+    """updates=1: the old policy is the current one (ratio exactly 1, nothing clipped) whatever the
+    sampling log-probs say; updates>1: the sampling log-probs are the old policy."""
+    _, data, m = _built(tmp_path, "strategy.group_size=2", "strategy.format_reward=0.5", f"strategy.updates={updates}")
+    ok = "<think> t </think> <answer> wrong </answer>"
+    _script(monkeypatch, m, [[ok, "no tags at all", ok, ok]])  # sampling log-probs are a fake -0.5
+    items, _ = _collect(m, data.train[:2])
+    m.set_modes({"generator"})
+    _, logs = m.strategy.loss(items, m, step_ctx(m, "rl"))
+    if updates == 1:
+        assert logs["ratio"] == 1.0 and logs["clip_fraction"] == 0.0
+    else:
+        assert logs["ratio"] != 1.0

@@ -459,3 +459,10 @@ def test_state_only_towers_use_the_stored_index_as_the_action_side(tmp_path):
     make_trainer(cfg, data, m).fit()
     changed = changed_components(before, snapshot(m))
     assert changed["query_encoder"] and not changed["doc_encoder"] and changed["target_query"]
+
+
+def test_state_only_towers_refuse_shared_towers(tmp_path):
+    """With one shared tower, training the state tower trains the passage tower too: refused."""
+    cfg = tiny_cfg(tmp_path, RL, "strategy.towers=state", "retriever.shared_towers=true")
+    with pytest.raises(ConfigError, match="strategy.towers"):
+        build(cfg)

@@ -109,3 +109,8 @@ def test_well_formed():
 
 def test_observation_numbers_passages():
     assert fmt.observation(["A. x", "B. y"]) == "\n<information> (1) A. x (2) B. y </information>\n"
+
+
+def test_a_forced_answer_that_searches_again_ends_where_the_search_begins():
+    assert fmt.extract_answer(["Paris <search> q2 </search>"], forced=True) == "Paris"
+    assert fmt.extract_answer(["<search> q2 </search>"], forced=True) == ""
