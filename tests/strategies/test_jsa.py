@@ -162,11 +162,15 @@ def test_two_real_ranks_share_the_cache_every_step(tmp_path):
 
     run.load_data(tiny_cfg(tmp_path / "x").data)  # fill the data cache once, not from two processes
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    logs = tmp_path / "rank_logs"  # each rank's own stdout/stderr, for the failure message
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["--log-dir", str(logs), "--redirects", "3"]
     cmd += ["-m", "ragtune.cli", "train", TINY, "strategy.name=jsa", "strategy.mis_steps=6", "strategy.cache_warmup=0"]
     cmd += [f"data.cache_dir={cache_dir()}", "train.steps=3", "eval.splits=[]", f"run_dir={tmp_path / 'r'}"]
     res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
+    if res.returncode != 0:
+        ranks = {str(p.relative_to(logs)): p.read_text(errors="replace")[-1500:] for p in sorted(logs.rglob("*.log"))}
+        pytest.fail(f"torchrun exit {res.returncode}; per-rank logs: {ranks}; launcher: {res.stderr[-800:]}")
     cache = torch.load(rundir.final_path(tmp_path / "r"), weights_only=False)["strategy_extra"]["cache"]
     cfg = tiny_cfg(tmp_path / "y")
     assert len(cache) == 2 * 3 * cfg.train.batch_size  # 2 ranks x 3 steps x 4: 24 distinct (48 per epoch)
