@@ -270,9 +270,6 @@ class RAGR1(Strategy):
         self.reference.model.load_state_dict(rag.generator.model.state_dict())
 
     # ---- shared helpers -----------------------------------------------------------------------
-    def context_limit(self, rag) -> int:
-        """Tokens a trajectory may hold (the generator's own limit, as rollouts use it)."""
-        return rag.generator.context_limit()
 
     def search_k(self, rag) -> int:
         """Passages per query: `search_k`, at most the corpus."""
@@ -375,7 +372,7 @@ class RAGR1(Strategy):
     def build_examples(self, phase, questions: Sequence[Question], rag) -> List[Example]:
         o = self.opts
         gen = rag.generator
-        limit, k = self.context_limit(rag), self.search_k(rag)
+        limit, k = rag.generator.context_limit(), self.search_k(rag)
         plans = [self.plan(q) for q in questions]
         # the top search_k rows of every sub-query: one batched call per turn index and chunk
         retrieved: Dict[Tuple[int, int], List[List[int]]] = {}

@@ -259,17 +259,13 @@ def multi_hop_table(rows: Sequence[dict], split: str) -> str:
         "| strategy | " + " | ".join(f"{split} {b.replace('_', ' ')} {k}" for b, k in cols) + " |",
         "|" + "---|" * (len(cols) + 1),
     ]
+
+    def cell(r: dict, b: str, k: str) -> str:
+        v = num(r.get(f"{split}_{b}/{k}_mean"))
+        return fmtnum(v, ".2f") if b == "rounds" or v is None else fmtnum(100 * v, ".1f")  # rounds: a count
+
     for r in rows:
-        cells = [
-            fmtnum(r.get(f"{split}_{b}/{k}_mean"), ".2f")
-            if b == "rounds"
-            else (
-                fmtnum(100 * num(r.get(f"{split}_{b}/{k}_mean")), ".1f")
-                if num(r.get(f"{split}_{b}/{k}_mean")) is not None
-                else "–"
-            )
-            for b, k in cols
-        ]
+        cells = [cell(r, b, k) for b, k in cols]
         lines.append(f"| {r.get('label') or r['strategy']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
