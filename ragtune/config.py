@@ -108,8 +108,35 @@ class SynthData:
 
 
 @dataclass
+class CarveConfig:
+    """How the splits a preset's dataset lacks are carved (ragtune.data.presets.splits)."""
+
+    dev_fraction: float = positive(0.1)  # of train, as dev (of the test split when it is the only one)
+    train_fraction: float = positive(0.5)  # test-only datasets: of the test split, as train
+    seed: int = 0
+
+
+@dataclass
 class DataConfig:
-    source: str = choice("synth", "synth", "files", "hf")
+    """Where the corpus and the questions come from.
+
+    source: synth (the embedded benchmark), files (`dir` with corpus/train/dev/test files), hf
+    (`hf_name` + `hf_corpus` in ragtune's own field names), or preset.  A non-empty `preset`
+    selects a real dataset's adapter (ragtune.data.presets) and is the source whatever `source`
+    says, unless that is files or hf (an error: two sources); `source=preset` without a preset is
+    an error too.  With a preset, `hf_name` is the dataset (default: the preset's hub id; or a
+    save_to_disk folder, or the dataset's own json/jsonl/parquet/tsv files), `hf_config` its hub
+    config (HotpotQA: the setting, distractor or fullwiki, also for local files), `corpus_path` a
+    wiki-18 corpus file (tsv id/text/title, or jsonl `contents`, title plain or in quotes), needed
+    by the open-domain presets, and `carve` says how missing splits are carved.
+    """
+
+    source: str = choice("synth", "synth", "files", "hf", "preset")
+    preset: str = ""  # nq_open, triviaqa, hotpotqa, popqa, musique, 2wikimultihopqa, bamboogle, babilong, flashrag
+    hf_config: str = ""  # preset: the hub config ("" = the preset's default)
+    corpus_path: str = ""  # preset: a corpus file in a wiki-18 encoding (recorded in result.json)
+    preset_options: Dict[str, Any] = field(default_factory=dict)  # the preset's own options
+    carve: CarveConfig = field(default_factory=CarveConfig)
     dir: str = ""  # files: folder with corpus/train/dev/test files
     corpus: str = "corpus.jsonl"
     train: str = "train.jsonl"
@@ -442,6 +469,10 @@ def _validate_values(cfg: DictConfig) -> None:
     for key in ("index.batch_size", "index.hnsw_m", "index.ivf_nlist", "index.ivf_nprobe"):
         if not OmegaConf.select(cfg, key) > 0:
             raise ConfigError(f"config key '{key}': must be > 0, got {OmegaConf.select(cfg, key)}")
+    if cfg.data.preset or cfg.data.source == "preset":
+        from ragtune.data.presets import check_config
+
+        check_config(cfg.data)
     allowed = set(PASSAGE_FIELDS + QUESTION_FIELDS)
     for key in cfg.data.field_map:
         if key not in allowed:
