@@ -1,6 +1,7 @@
 """`rag_r1`: the generator learns to search (RAG-R1, Tan et al. 2025, arXiv 2507.02962), trained
 by supervised fine-tuning on gold search chains, then by GRPO (Shao et al. 2024, "DeepSeekMath",
-arXiv 2402.03300) with an exact-match reward.
+arXiv 2402.03300) or PPO with a critic (`algorithm=ppo`, `strategies/rag_r1_ppo.py`) with an
+exact-match reward.
 
 The turn format, the prompt and all parsing are in `strategies/search_format.py` (pure functions):
 model turns "<think> ... </think> <search> q1 | q2 </search>" or "<think> ... </think> <answer>
@@ -68,9 +69,14 @@ Reference model: a frozen `Part("reference")`, the `Generator` wrapper built by
 never when resumed (the checkpoint restored it). Under LoRA it is a full copy of the adapted
 model; a second, frozen adapter on the same base would be lighter.
 
-Algorithm: GRPO only. The paper trained PPO with a critic; `algorithm=ppo` (a value head on the
-policy's hidden states trained with `losses.gae` / `losses.clipped_value_loss`) is not
-implemented, so `grpo` is the only allowed value.
+Algorithm (`algorithm`): `grpo` (default, above) or `ppo`, the paper's choice: a trainable
+`critic` part (the generator's decoder plus a value head, its trunk copied from the generator when
+the rl phase starts, like the reference), per-token values, the reward on the last model token,
+GAE over the model tokens only (observations are skipped, the next model token's value
+bootstraps across them), whitened advantages, the clipped surrogate plus `vf_coef` x the clipped
+value loss in one LossSum; options `gamma`, `lam`, `vf_coef`, `cliprange_value`,
+`whiten_advantages`, `kl_in_reward` (all in `strategies/rag_r1_ppo.py`'s docstring). Under `grpo`
+no critic exists; a ppo-only option set under grpo (or `scale_rewards` under ppo) is an error.
 
 Evaluation (`predict`): greedy rollouts; the prediction is the extracted answer ("" when none:
 never an exception), `retrieved_ids` every passage retrieved, in retrieval order without
@@ -94,7 +100,7 @@ produced (here that is an empty prediction).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -106,6 +112,7 @@ from ragtune.data import Question
 from ragtune.rollout import Trajectory, rollout
 from ragtune.strategy import LossSum, Part, Phase, Strategy
 
+from . import rag_r1_ppo as ppo
 from . import search_format as fmt
 
 RETRIEVAL_CHUNK = 256  # questions per batched retrieval call when building SFT trajectories
@@ -120,8 +127,8 @@ class Options:
     max_queries: int = positive(3)  # queries per search turn (multi mode)
     search_k: int = positive(2)  # passages returned per query
     max_turn_tokens: int = positive(64)  # new tokens per model turn
-    algorithm: str = choice("grpo", "grpo")  # PPO with a critic is not implemented
-    group_size: int = positive(4)  # rollouts per question
+    algorithm: str = choice("grpo", "grpo", "ppo")  # ppo: a critic and GAE (strategies/rag_r1_ppo.py)
+    group_size: int = positive(4)  # rollouts per question (grpo: >= 2)
     temperature: float = positive(1.0)  # sampling temperature of the rollouts (and of their log-probs)
     beta: float = nonneg(0.04)  # weight of the k3 KL to the stage-1 model
     eps_low: float = positive(0.2)
@@ -130,6 +137,13 @@ class Options:
     scale_rewards: bool = True  # divide group-centred rewards by the group's std (False: Dr. GRPO)
     format_reward: float = nonneg(0.0)  # reward weight of a well-formed trajectory
     updates: int = positive(1)  # optimizer steps per collection
+    # algorithm=ppo only
+    gamma: float = nonneg(1.0)  # discount per model token, in [0, 1]
+    lam: float = nonneg(1.0)  # GAE lambda, in [0, 1]
+    vf_coef: float = positive(0.1)  # weight of the value loss
+    cliprange_value: float = nonneg(0.2)  # value clipping around the collection-time values (0: off)
+    whiten_advantages: bool = True  # whiten the advantages over the collection's model tokens
+    kl_in_reward: bool = False  # beta x k1 KL as a per-token reward penalty instead of the k3 loss term
 
     def validate(self) -> None:
         def bad(key: str, what: str, val) -> ConfigError:
@@ -137,10 +151,25 @@ class Options:
 
         if not 0 <= self.sft_fraction < 1:
             raise bad("sft_fraction", "in [0, 1)", self.sft_fraction)
-        if self.group_size < 2:
+        if self.group_size < 2 and self.algorithm == "grpo":
             raise bad("group_size", ">= 2 (a group of one has no group-relative advantage)", self.group_size)
         if self.eps_low >= 1:
             raise bad("eps_low", "in (0, 1)", self.eps_low)
+        for key in ("gamma", "lam"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise bad(key, "in [0, 1]", getattr(self, key))
+        only = {"grpo": ("scale_rewards",), "ppo": PPO_KEYS}
+        defaults = {f.name: f.default for f in fields(self)}
+        for algo, keys in only.items():
+            for key in keys:
+                if algo != self.algorithm and getattr(self, key) != defaults[key]:
+                    raise ConfigError(
+                        f"config key 'strategy.{key}': used only by strategy.algorithm={algo} "
+                        f"(algorithm is {self.algorithm})"
+                    )
+
+
+PPO_KEYS = ("gamma", "lam", "vf_coef", "cliprange_value", "whiten_advantages", "kl_in_reward")
 
 
 @dataclass
@@ -237,8 +266,8 @@ def policy_loss_sum(
 
 class RAGR1(Strategy):
     name = "rag_r1"
-    summary = "the generator learns to search: SFT on gold search chains, then GRPO with an EM reward"
-    paper = "Tan et al. 2025, arXiv 2507.02962; Shao et al. 2024, arXiv 2402.03300"
+    summary = "the generator learns to search: SFT on gold search chains, then GRPO (or PPO) with an EM reward"
+    paper = "Tan et al. 2025, arXiv 2507.02962; Shao et al. 2024, arXiv 2402.03300; PPO: arXiv 1707.06347"
     Options = Options
     reports = {
         "format_ok": "the trajectory is well formed (closed thinks and searches, a closed final answer)",
@@ -248,21 +277,27 @@ class RAGR1(Strategy):
     # ---- declaration ------------------------------------------------------------------------
     def phases(self):
         f = self.opts.sft_fraction
-        rl = Phase("rl", frozenset({"generator"}), 1.0 - f, collect=True, updates=self.opts.updates)
+        trains = {"generator", ppo.CRITIC} if self.opts.algorithm == "ppo" else {"generator"}
+        rl = Phase("rl", frozenset(trains), 1.0 - f, collect=True, updates=self.opts.updates)
         return ([Phase("sft", frozenset({"generator"}), f, examples=True)] if f > 0 else []) + [rl]
 
     def parts(self):
-        return [Part("reference", trainable=False)]
+        critic = [Part(ppo.CRITIC, lr_like="generator")] if self.opts.algorithm == "ppo" else []
+        return [Part("reference", trainable=False)] + critic
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def setup(self, rag) -> None:
         self.reference = rag.generator.copy_as("reference")
+        if self.opts.algorithm == "ppo":
+            self.critic = ppo.build_critic(rag)
         self._cut: Dict[int, str] = {}  # corpus row -> passage text cut to generator.max_passage_tokens
         self.sft_stats: Dict[str, int] = {}
 
     def on_phase_start(self, rag, ctx, resumed: bool) -> None:
         if ctx.phase is not None and ctx.phase.collect and not resumed:
             self.snapshot_reference(rag)
+            if self.opts.algorithm == "ppo":
+                self.critic.load_trunk_(rag.generator)  # the critic's trunk starts from the SFT result
 
     @torch.no_grad()
     def snapshot_reference(self, rag) -> None:
@@ -454,7 +489,7 @@ class RAGR1(Strategy):
         logs = {"nll_per_token": float(total.detach()) / max(count, 1.0), "model_tokens": count / len(items)}
         return LossSum(total, count), logs
 
-    # ---- stage 2: GRPO ------------------------------------------------------------------------
+    # ---- stage 2: GRPO (PPO: rag_r1_ppo) ------------------------------------------------------
     def collect(self, batch: Sequence[Question], rag, ctx):
         o = self.opts
         G = o.group_size
@@ -468,8 +503,6 @@ class RAGR1(Strategy):
             oks.append(float(ok))
             rewards.append(em + o.format_reward * float(ok))
         r = torch.tensor(rewards, dtype=torch.float32)
-        adv = losses.group_advantages(r, G, scale=o.scale_rewards)
-        flat = (r.view(-1, G).amax(1) == r.view(-1, G).amin(1)).float()
         keep = [j for j, t in enumerate(trajs) if t.ids]
         ref: Dict[int, List[float]] = {}
         if o.beta > 0 and keep:
@@ -481,6 +514,22 @@ class RAGR1(Strategy):
             )
             lp = lp.float().cpu()
             ref = {j: lp[n, : len(trajs[j].ids)].tolist() for n, j in enumerate(keep)}
+        rounds = sum(e.rounds for e in episodes)
+        logs = {
+            "reward": float(r.mean()),
+            "em": sum(ems) / len(ems),
+            "format_rate": sum(oks) / len(oks),
+            "turns": sum(len(t.turns) for t in trajs) / len(trajs),
+            "rounds": rounds / len(trajs),
+            "queries_per_round": sum(e.queries for e in episodes) / rounds if rounds else 0.0,
+        }
+        if o.algorithm == "ppo":
+            items, extra = ppo.experience(self, rag, batch, trajs, keep, rewards, ref)
+            logs.update(extra)
+            logs["truncated"] = sum(t.finish == "length" for t in trajs) / len(trajs)
+            return items, logs
+        adv = losses.group_advantages(r, G, scale=o.scale_rewards)
+        flat = (r.view(-1, G).amax(1) == r.view(-1, G).amin(1)).float()
         items = [
             Experience(
                 batch[j // G].id,
@@ -494,21 +543,14 @@ class RAGR1(Strategy):
             )
             for j in keep
         ]
-        rounds = sum(e.rounds for e in episodes)
-        logs = {
-            "reward": float(r.mean()),
-            "em": sum(ems) / len(ems),
-            "format_rate": sum(oks) / len(oks),
-            "turns": sum(len(t.turns) for t in trajs) / len(trajs),
-            "rounds": rounds / len(trajs),
-            "queries_per_round": sum(e.queries for e in episodes) / rounds if rounds else 0.0,
-            "zero_std_groups": float(flat.mean()),
-            "truncated": sum(t.finish == "length" for t in trajs) / len(trajs),
-        }
+        logs["zero_std_groups"] = float(flat.mean())
+        logs["truncated"] = sum(t.finish == "length" for t in trajs) / len(trajs)
         return items, logs
 
     def _rl_loss(self, items: List[Experience], rag):
         o = self.opts
+        if o.algorithm == "ppo":
+            return ppo.loss(self, items, rag)
         logp, mask = rag.generator.token_logprobs(
             [e.prompt_ids for e in items],
             [e.ids for e in items],

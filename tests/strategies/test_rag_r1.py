@@ -373,7 +373,8 @@ def test_only_the_generator_is_optimised_and_the_reference_changes_only_by_its_s
     [
         ("strategy.group_size=1", "strategy.group_size"),
         ("strategy.sft_fraction=1.0", "strategy.sft_fraction"),
-        ("strategy.algorithm=ppo", "strategy.algorithm"),
+        ("strategy.algorithm=reinforce", "strategy.algorithm"),
+        ("strategy.gamma=0.9", "strategy.gamma"),  # a ppo-only option under grpo
         ("strategy.reduction=mean", "strategy.reduction"),
         ("strategy.queries=both", "strategy.queries"),
         ("strategy.eps_low=1.5", "strategy.eps_low"),
