@@ -8,6 +8,7 @@ last good checkpoint and gets no score.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from pathlib import Path
@@ -39,7 +40,11 @@ from ragtune.trainer import Diverged, Trainer, phase_settings
 def load_data(dc) -> RAGData:
     """Corpus and splits from the synthetic benchmark, local files or HF datasets."""
     fmap = dict(dc.field_map)
-    if dc.source == "synth":
+    if dc.preset:  # a real dataset's adapter (ragtune.data.presets); it records its provenance
+        from ragtune.data.presets import load_preset
+
+        data = load_preset(dc)
+    elif dc.source == "synth":
         try:
             scfg = SynthConfig(seed=dc.synth.seed, **dict(dc.synth.options))
         except (TypeError, ValueError) as e:
@@ -70,11 +75,8 @@ def load_data(dc) -> RAGData:
         if problems:
             raise DataError(problems)
     cut = lambda qs, n: qs[:n] if n else qs
-    return RAGData(
-        corpus=data.corpus,
-        train=cut(data.train, dc.max_train),
-        dev=cut(data.dev, dc.max_eval),
-        test=cut(data.test, dc.max_eval),
+    return dataclasses.replace(  # keeps a preset's provenance
+        data, train=cut(data.train, dc.max_train), dev=cut(data.dev, dc.max_eval), test=cut(data.test, dc.max_eval)
     )
 
 
@@ -175,6 +177,8 @@ def _train(cfg, run_dir: Path) -> Dict[str, object]:
         "seed": cfg.train.seed,
         "run_dir": str(run_dir),
     }
+    if getattr(data, "provenance", None):  # a preset's dataset, corpus encoding and split carving
+        result["data"] = data.provenance
     trainer = Trainer(cfg, rag, data.train, data.dev, run_dir, acc)
     result["phase_lr"] = {p.name: phase_settings(cfg.train, rag.strategy, p)["lr"] for _, p, _ in trainer.plan}
     if parent is not None and parent.get("sampler"):  # continue the data order where the parent stopped

@@ -274,7 +274,7 @@ def test_hotpotqa_fullwiki_maps_supporting_titles_onto_the_corpus(tmp_path):
     assert q.gold_passage_ids == ["6", "7"] and q.candidate_passage_ids == []  # Mont Blanc, Ben Nevis
     # "Analytical Engine" is not a corpus title: that question has no gold ids, and it is counted
     assert sorted(bool(q.gold_passage_ids) for q in data.train + data.dev) == [False, False]
-    assert data.provenance["counts"] == {"questions_without_gold (supporting title not in corpus)": 2}
+    assert data.provenance["counts"] == {"without_gold_title_not_in_corpus": 2}
     assert data.provenance["corpus"]["encoding"] == "contents" and len(data.corpus) == len(fx.WIKI)
 
 
@@ -601,3 +601,19 @@ def test_gzip_corpus_roundtrip(tmp_path):
     p = tmp_path / "wiki-18.jsonl.gz"
     p.write_bytes(gzip.compress(fx.wiki_contents(tmp_path / "w.jsonl", quoted=True).read_bytes()))
     assert detect_encoding(p) == "contents_quoted"
+
+
+def test_musique_with_a_corpus_file_looks_paragraphs_up_by_title(tmp_path):
+    rows = [
+        {"id": "1", "title": "Analytical Engine", "text": "A mechanical computer."},
+        {"id": "2", "title": "Charles Babbage", "text": "An English polymath, born in London."},
+        {"id": "3", "title": "Paris", "text": "The capital of France."},
+    ]
+    corpus = fx.jsonl(tmp_path / "corpus.jsonl", rows)
+    d = tmp_path / "musique"
+    fx.jsonl(d / "musique_ans_v1.0_train.jsonl", [fx.musique_row(f"2hop__{i}_{i}") for i in range(3)])
+    fx.jsonl(d / "musique_ans_v1.0_dev.jsonl", [fx.musique_row()])
+    data = _load(tmp_path, "data.preset=musique", f"data.hf_name={d}", f"data.corpus_path={corpus}")
+    [q] = data.test
+    assert q.gold_passage_ids == ["1", "2"] and q.candidate_passage_ids == ["3", "2", "1"]  # no "Ben Nevis"
+    assert data.provenance["corpus"]["encoding"] == "title_text" and len(data.corpus) == 3

@@ -18,8 +18,8 @@ A corpus file does not apply (`data.corpus_path` is refused).
 
 Caveat: the corpus is the union of all haystacks, and bAbI facts reuse the same names in every
 sample ("Mary went to the kitchen"), so retrieval over the whole corpus mixes the facts of other
-questions.  Read BabiLong with the question's own passages (strategies that use candidates, e.g.
-rl_retriever's `pool=candidates`), as the benchmark intends.
+questions.  Read BabiLong with the question's own passages (a strategy that draws from
+candidate_passage_ids), as the benchmark intends.
 """
 
 from __future__ import annotations

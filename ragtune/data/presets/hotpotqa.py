@@ -79,7 +79,7 @@ class HotpotQA(Preset):
         if self.fullwiki:
             gold = [ctx.paragraphs.paragraph(t, "") for t in titles]
             if None in gold:
-                ctx.stats["questions_without_gold (supporting title not in corpus)"] += 1
+                ctx.stats["without_gold_title_not_in_corpus"] += 1
                 gold = []
             return Question(qid, text, [answer], gold, [], meta)
         by_title = {}
@@ -99,6 +99,6 @@ class HotpotQA(Preset):
             return None
         gold = [by_title[t] for t in titles]
         if None in gold:  # data.corpus_path given: a supporting title the corpus lacks
-            ctx.stats["questions_without_gold (supporting title not in corpus)"] += 1
+            ctx.stats["without_gold_title_not_in_corpus"] += 1
             gold = []
         return Question(qid, text, [answer], gold, unique(cands), meta)

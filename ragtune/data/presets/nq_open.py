@@ -7,7 +7,7 @@ Question Answering" (ORQA), ACL, arXiv 1906.00300.
 Layout (`google-research-datasets/nq_open`, config `nq_open`): {"question": str, "answer":
 [str, ...]}; no id and no passages.  Splits: train 87,925 and validation 3,610, which *is* the
 standard NQ-open test set (DPR, RAG, FiD, Atlas and Search-R1 all report on it); dev is carved from
-train (DPR carved 8,757 of 79,168; FlashRAG's `nq` config is that split).  Ids are
+train (DPR's split of it is 79,168 train / 8,757 dev, which FlashRAG's `nq` config holds).  Ids are
 "<split>-<line>".  No gold passages: suits the label-free strategies.  Needs `data.corpus_path`
 (wiki-18).
 """

@@ -1,4 +1,5 @@
-"""Deterministic carving of the splits a dataset lacks, and the plan of which source split is which.
+"""Deterministic carving of the splits a dataset lacks (the plan of which source split is which is
+ragtune.data.presets._plan).
 
 What: ragtune needs train, dev and test.  The test split is always the one the literature reports
 on (NQ-open's and TriviaQA's `validation`, HotpotQA's, MuSiQue's and 2Wiki's dev, FlashRAG's test
@@ -9,8 +10,8 @@ test set below the published one.
 How: each question gets the key sha256("<seed>\\0<question text, lower-cased, whitespace
 collapsed>"); questions are ordered by key (then id), and consecutive fractions of that order
 become the carved splits.  So the carving does not depend on the order of the rows, the same seed
-always gives the same splits, the parts are disjoint, and identical question texts (NQ-open's train
-has some) land on the same side, so the carving never creates a train/dev leak of its own.
+always gives the same splits, the parts are disjoint, and identical question texts land on the same
+side, so the carving never creates a train/dev leak of its own.
 
 Why in result.json: a dev carved from train, or a test that is not the whole published test, is
 not the published setting; the provenance says exactly what was done.

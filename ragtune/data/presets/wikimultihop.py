@@ -80,7 +80,7 @@ class TwoWikiMultihopQA(Preset):
             return None
         gold = [by_title[t] for t in titles]
         if None in gold:
-            ctx.stats["questions_without_gold (supporting title not in corpus)"] += 1
+            ctx.stats["without_gold_title_not_in_corpus"] += 1
             gold = []
         meta = {"kind": KINDS[kind], "type": kind}
         if evidences:
