@@ -47,6 +47,19 @@ the frozen reader of the rl phase will see them): the embedded generator has nev
 passages at once. `reduction=sum`: the summed answer NLL over the batch's answer tokens as a
 `LossSum` counted in answer tokens; `mean`: length-normalised per question, averaged.
 
+An optional phase `imitate` (`imitate_fraction`, 0 = none, between the reader and rl phases)
+warm-starts the towers by supervised imitation of the gold chains, as multi-hop dense retrieval
+does (MDR; Xiong et al., ICLR 2021, arXiv 2009.12756): each state along a question's gold chain in
+hop order (s_0 = the question, s_1 = question [SEP] gold_1, ...) is trained by InfoNCE (the
+retriever's temperature) toward its next gold passage, against the batch's positives and
+`imitate_negatives` mined index rows; a state's other gold passages are neither negatives nor
+actions. This is not in Q-RAG, which starts from a strong pretrained embedder (e5/GTE): with an
+embedder that was never trained for the data, the greedy multi-step policy reads worse than a
+single-step search of the same tower (the state drifts toward the passage just read), and RL
+from it alone learns too little in a CPU budget. `fact_reward` (the reference's per-fact
+reward; 0 = the paper's single completion reward) adds a reward at each step that selects a
+gold passage.
+
 `predict`: greedy (argmax Q, no exploration) selection for `horizon` steps from the same kind of
 pool, then the frozen generator reads all selected passages together, in selection order. Each
 question reports `rounds` and `queries` (both the number of steps; one state query per step).
@@ -84,6 +97,8 @@ SEP = " [SEP] "
 @dataclass
 class Options:
     reader_fraction: float = 0.3  # share of train.steps for the reader phase (0 = no such phase)
+    imitate_fraction: float = 0.0  # share of train.steps imitating the gold chains before RL (0 = none)
+    imitate_negatives: int = nonneg(8)  # imitate: hard negatives mined from the index per state
     reader_context: str = choice("gold", "gold", "padded")  # padded: + retrieved non-gold up to the horizon
     reduction: str = choice("sum", *losses.REDUCTIONS)  # of the reader phase's answer NLL
     pool: str = choice("index", "index", "candidates")  # actions: the index's top rows | own candidates
@@ -98,6 +113,7 @@ class Options:
     lam: float = 0.5  # lambda of the lambda-returns
     tau: float = 0.05  # Polyak rate of the target towers
     reward: str = choice("coverage", "coverage", "answer_em")
+    fact_reward: float = nonneg(0.0)  # + this at each step that selects a gold passage not selected before
     # both: Q-RAG's two towers train (the passages are re-embedded with grad, the index refreshed);
     # state: only the state (query) tower trains against the stored passage embeddings, and the
     # action side of the target is the index itself (about 5x cheaper a step on CPU)
@@ -110,6 +126,10 @@ class Options:
 
         if not 0 <= self.reader_fraction < 1:
             raise bad("reader_fraction", "in [0, 1)", self.reader_fraction)
+        if not 0 <= self.imitate_fraction < 1 or self.reader_fraction + self.imitate_fraction >= 1:
+            raise bad(
+                "imitate_fraction", "in [0, 1) with reader_fraction + imitate_fraction < 1", self.imitate_fraction
+            )
         if not 0 < self.gamma <= 1:
             raise bad("gamma", "in (0, 1]", self.gamma)
         if not 0 <= self.lam <= 1:
@@ -141,10 +161,13 @@ class RLRetriever(Strategy):
 
     # ---- declaration ------------------------------------------------------------------------
     def phases(self):
-        f = self.opts.reader_fraction
-        trains = {"query_encoder", "doc_encoder"} if self.opts.towers == "both" else {"query_encoder"}
-        rl = Phase("rl", frozenset(trains), 1.0 - f)
-        return ([Phase("reader", frozenset({"generator"}), f)] if f > 0 else []) + [rl]
+        f, g = self.opts.reader_fraction, self.opts.imitate_fraction
+        trains = frozenset({"query_encoder", "doc_encoder"} if self.opts.towers == "both" else {"query_encoder"})
+        return (
+            ([Phase("reader", frozenset({"generator"}), f)] if f > 0 else [])
+            + ([Phase("imitate", trains, g)] if g > 0 else [])
+            + [Phase("rl", trains, 1.0 - f - g)]
+        )
 
     def parts(self):
         targets = ["target_query", "target_doc"] if self.opts.towers == "both" else ["target_query"]
@@ -181,6 +204,8 @@ class RLRetriever(Strategy):
     def loss(self, batch, rag, ctx):
         if ctx.phase.name == "reader":
             return self._reader_loss(batch, rag, ctx)
+        if ctx.phase.name == "imitate":
+            return self._imitate_loss(batch, rag)
         return self._rl_loss(batch, rag, ctx)
 
     # ---- phase 1: the reader ------------------------------------------------------------------
@@ -207,15 +232,46 @@ class RLRetriever(Strategy):
             return LossSum(-losses.masked_reduce(tok_lp, mask, "sum"), float(mask.sum())), logs
         return -losses.masked_reduce(tok_lp, mask, "sequence"), logs
 
-    # ---- phase 2: soft Q(lambda) on the towers ------------------------------------------------
+    # ---- phase 2 (optional): imitating the gold chains -----------------------------------------
+    def _imitate_loss(self, batch, rag):
+        """InfoNCE of each state along a question's gold chain on its next gold passage: s_0 = the
+        question -> gold_1, s_1 = question [SEP] gold_1 -> gold_2, ... (hop order), the towers
+        scoring as Q does (cosine / retriever temperature). Candidates: the batch's positives plus
+        `imitate_negatives` index rows mined per state; a state's other unselected gold passages
+        are not negatives (a comparison question may take its hops in either order) and its
+        selected ones are not actions (masked out)."""
+        chains = [rag.rows_of(x.gold_passage_ids) for x in batch]
+        if not all(chains):
+            raise ValueError("strategy.imitate_fraction needs gold_passage_ids on every training question")
+        pairs = [(b, t) for b, g in enumerate(chains) for t in range(len(g))]  # (P,) states
+        s = self.encode_states(
+            rag, [self.state_text(rag, batch[b].question, chains[b][:t]) for b, t in pairs]
+        )  # (P, H)
+        dev = s.device
+        uniq, pos = torch.tensor([chains[b][t] for b, t in pairs], device=dev).unique(return_inverse=True)  # (N,), (P,)
+        d = rag.passage_embeddings(uniq).to(s.dtype)  # (N, H)
+        own = [set(chains[b]) for b, _ in pairs]  # every gold row of the state's question: never a negative
+        mask_out = torch.tensor([[r in g for r in uniq.tolist()] for g in own], device=dev)  # (P, N)
+        hard = None
+        if self.opts.imitate_negatives:
+            with torch.no_grad():
+                n = self.opts.imitate_negatives
+                top = rag.search(s.detach(), min(len(rag.index), n + len(set(uniq.tolist())) + max(map(len, own))))
+            skip = set(uniq.tolist())
+            rows = [[r for r in row if r not in g and r not in skip][:n] for row, g in zip(top.tolist(), own)]
+            hard = rag.passage_embeddings(torch.tensor(rows, dtype=torch.long, device=dev)).to(s.dtype)  # (P, M, H)
+        loss = losses.contrastive_loss(s, d, pos, rag.retriever.temperature, hard_negatives=hard, mask_out=mask_out)
+        return LossSum(loss * len(pairs), float(len(pairs))), {"imitate_states": float(len(pairs))}
+
+    # ---- phase 3: soft Q(lambda) on the towers ------------------------------------------------
     def _rl_loss(self, batch, rag, ctx):
         gold = [set(rag.rows_of(x.gold_passage_ids)) for x in batch]
-        if self.opts.reward == "coverage" and not all(gold):
-            raise ValueError("reward=coverage needs gold_passage_ids on every training question")
+        if (self.opts.reward == "coverage" or self.opts.fact_reward) and not all(gold):
+            raise ValueError("reward=coverage and fact_reward need gold_passage_ids on every training question")
         with rag.scoring():  # no grad, dropout off, charged as score
             stop_at = gold if self.opts.reward == "coverage" else None  # answer_em: the whole horizon
             ep = self._rollout(rag, batch, self._horizon(ctx), explore=True, gold=stop_at)
-        rewards, dones, valid = self._rewards(rag, batch, ep)  # (B, T) each
+        rewards, dones, valid = self._rewards(rag, batch, ep, gold)  # (B, T) each
         next_values = self._next_values(rag, ep, rewards.shape)  # (B, T), V(s_{t+1}), 0 where not needed
         returns = losses.lambda_returns(rewards, next_values, dones, self.opts.gamma, self.opts.lam, valid)
         pairs = [(b, t) for b, n in enumerate(ep.steps()) for t in range(n)]
@@ -247,9 +303,11 @@ class RLRetriever(Strategy):
         }
         return LossSum(total, float(len(pairs))), logs
 
-    def _rewards(self, rag, batch, ep: Episodes):
+    def _rewards(self, rag, batch, ep: Episodes, gold: List[set]):
         """rewards, dones, valid (B, T): the reward at first coverage (or the answer EM at the
-        last step), minus the step penalty; the last step of every episode is terminal."""
+        last step), plus `fact_reward` at each step selecting a gold passage (the selection never
+        repeats a row, so each gold passage pays once), minus the step penalty; the last step of
+        every episode is terminal."""
         steps = ep.steps()
         B, T = len(steps), max(steps)
         dev = _device(rag)
@@ -260,6 +318,9 @@ class RLRetriever(Strategy):
             valid[b, :n] = True
             dones[b, n - 1] = True
             rewards[b, :n] -= self.opts.step_penalty
+            for t, r in enumerate(ep.selected[b]):
+                if r in gold[b]:
+                    rewards[b, t] += self.opts.fact_reward
             if self.opts.reward == "coverage" and ep.covered_at[b] >= 0:
                 rewards[b, ep.covered_at[b]] += 1.0
         if self.opts.reward == "answer_em":

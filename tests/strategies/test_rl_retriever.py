@@ -132,10 +132,15 @@ def test_a_run_resumed_inside_the_rl_phase_is_bit_identical(tmp_path):
 def test_each_phase_changes_exactly_its_parameters(tmp_path, monkeypatch, hook):
     if not hook:
         monkeypatch.setattr(RLRetriever, "on_step_end", lambda *a: None)
-    want = {"reader": {"generator"}, "rl": set(TOWERS) | (set(TARGETS) if hook else set())}
+    want = {"reader": {"generator"}, "imitate": set(TOWERS), "rl": set(TOWERS) | (set(TARGETS) if hook else set())}
     for phase, trained in want.items():
         cfg = tiny_cfg(
-            tmp_path / phase, RL, "strategy.reader_fraction=0.5", "train.steps=4", f"train.only_phase={phase}"
+            tmp_path / phase,
+            RL,
+            "strategy.reader_fraction=0.3",
+            "strategy.imitate_fraction=0.3",
+            "train.steps=4",
+            f"train.only_phase={phase}",
         )
         data, m, _ = build(cfg)
         before = snapshot(m)
@@ -241,6 +246,73 @@ def test_reward_given_once_at_first_coverage_and_answer_em_at_the_end(tmp_path, 
     assert seen[0]["rewards"].tolist() == [[0.0, 0.0, 0.0, 1.0], [0.0] * 4]  # EM, once, at the last step
     assert seen[0]["mask"].tolist() == [[True] * 4] * 2  # no early end without the coverage reward
     assert read == [[[m.passage_texts[r] for r in plan[b]] for b in (0, 1)]]  # in selection order
+
+
+@torch.no_grad()
+def test_fact_reward_pays_each_gold_passage_once_at_the_step_that_selects_it(tmp_path, monkeypatch):
+    cfg = tiny_cfg(tmp_path, RL, "strategy.pool=candidates", "strategy.horizon=4", "strategy.fact_reward=0.25")
+    data, m, _ = build(cfg)
+    batch = [data.train[6]]  # two gold passages
+    (g,) = (m.rows_of(x.gold_passage_ids) for x in batch)
+    d = [r for r in m.rows_of(batch[0].candidate_passage_ids) if r not in g]
+    _script(monkeypatch, m.strategy, {0: [g[1], d[0], g[0], d[1]]})
+    seen = _spy_returns(monkeypatch)
+    m.strategy.loss(batch, m, step_ctx(m, "rl"))
+    assert seen[0]["rewards"].tolist() == [[0.25, 0.0, 1.25]]  # + 1 at coverage (step 2): the episode ends
+    assert seen[0]["dones"].tolist() == [[False, False, True]]
+
+
+# ---- the imitation phase -----------------------------------------------------------------------
+def test_imitation_scores_each_state_of_the_gold_chain_against_its_next_gold_passage(tmp_path, monkeypatch):
+    cfg = tiny_cfg(tmp_path, RL, "strategy.imitate_fraction=0.3", "strategy.imitate_negatives=3")
+    data, m, _ = build(cfg)
+    s = m.strategy
+    batch = [data.train[0], data.train[6]]  # one gold passage; two (hop order)
+    chains = [m.rows_of(x.gold_passage_ids) for x in batch]
+    texts, seen = [], {}
+    orig_states, orig_loss = s.encode_states, losses.contrastive_loss
+
+    def encode_states(rag, t, target=False):
+        texts.extend(t)
+        return orig_states(rag, t, target)
+
+    def spy(q, d, positives, temperature, hard_negatives=None, mask_out=None):
+        seen.update(q=q, d=d, pos=positives, temp=temperature, hard=hard_negatives, mask=mask_out)
+        return orig_loss(q, d, positives, temperature, hard_negatives, mask_out)
+
+    monkeypatch.setattr(s, "encode_states", encode_states)
+    monkeypatch.setattr(losses, "contrastive_loss", spy)
+    loss, logs = s.loss(batch, m, step_ctx(m, "imitate"))
+    q0, q1 = batch[0].question, batch[1].question
+    assert texts == [q0, q1, s.state_text(m, q1, chains[1][:1])]  # s_0 of each, then s_1 after gold_1
+    uniq = sorted({r for c in chains for r in c})
+    want_pos = [chains[0][0], chains[1][0], chains[1][1]]
+    assert [uniq[i] for i in seen["pos"].tolist()] == want_pos
+    # a state's own gold passages are out of its softmax (its positive is restored by the loss)
+    assert seen["mask"].tolist() == [[r in set(c) for r in uniq] for c in (chains[0], chains[1], chains[1])]
+    assert seen["hard"].shape[:2] == (3, 3) and seen["temp"] == m.retriever.temperature
+    assert isinstance(loss, LossSum) and loss.count == 3 and logs["imitate_states"] == 3.0
+    # the mined negatives are never gold passages of the state's question nor in-batch candidates
+    top = m.search(seen["q"].detach(), len(m.index)).tolist()
+    for i, c in enumerate((chains[0], chains[1], chains[1])):
+        mined = [r for r in top[i] if r not in set(c) and r not in set(uniq)][:3]
+        assert torch.allclose(seen["hard"][i], m.passage_embeddings(torch.tensor(mined)).to(seen["hard"].dtype))
+    logits = torch.cat([seen["q"] @ seen["d"].T, torch.einsum("ph,pmh->pm", seen["q"], seen["hard"])], 1)
+    logits = logits / seen["temp"]
+    logits[:, : len(uniq)] = logits[:, : len(uniq)].masked_fill(seen["mask"], float("-inf"))
+    cols = seen["pos"]
+    logits[torch.arange(3), cols] = (seen["q"] * seen["d"][cols]).sum(-1) / seen["temp"]
+    want = -(logits.log_softmax(-1)[torch.arange(3), cols]).sum()
+    assert torch.allclose(loss.total, want, atol=1e-5)
+
+
+def test_imitation_phase_runs_between_the_reader_and_rl_phases():
+    ph = RLRetriever(Options(reader_fraction=0.2, imitate_fraction=0.3, towers="state")).phases()
+    assert [(p.name, sorted(p.trains), round(p.fraction, 6)) for p in ph] == [
+        ("reader", ["generator"], 0.2),
+        ("imitate", ["query_encoder"], 0.3),
+        ("rl", ["query_encoder"], 0.5),
+    ]
 
 
 # ---- collection, predict -----------------------------------------------------------------------
@@ -368,6 +440,9 @@ def test_reader_fraction_zero_has_only_the_rl_phase():
         "tau=2",
         "alpha=0",
         "reader_fraction=1.0",
+        "imitate_fraction=0.7",  # with the default reader_fraction 0.3: no step left for rl
+        "imitate_negatives=-1",
+        "fact_reward=-0.5",
         "pool=web",
         "pool_size=0",
         "reward=f1",
