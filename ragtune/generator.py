@@ -21,14 +21,17 @@ re-tokenised). Sampling settings come from `generator.*` only, never from the mo
 generation_config. The prompt templates come from config (no model-name sniffing). Every call is
 charged to the ledger here, from the padded token counts, under `self.component` ("generator" by
 default; a copy used as a reference model is charged under its own name, see `copy_as`).
+Under LoRA such a copy is a second adapter in the same peft model (`AdapterCopy`): the base
+weights exist once, in memory and in checkpoints.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -60,11 +63,30 @@ class Generator(nn.Module):
         self.component = component  # the ledger charges every call of this instance under this name
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self._copied: set = set()  # ids of the parameters of adapter copies living in self.model
 
     def copy_as(self, component: str) -> Generator:
-        """An independent copy of the model (same tokenizer, config and ledger) charged as
-        `component`, e.g. a frozen reference model for a KL term."""
+        """A copy of the current model (same tokenizer, config and ledger) charged as `component`,
+        e.g. a frozen reference model for a KL term; `copy.snapshot_(generator)` makes it a copy of
+        the generator's weights again later. Without LoRA: an independent deep copy. Under LoRA: an
+        `AdapterCopy`, a second adapter named `component` in this generator's own peft model (the
+        base weights are shared, never duplicated in memory or in checkpoints). Make any other copy
+        of the model (e.g. a critic's trunk) before an adapter copy, which lives inside it."""
+        if _is_peft(self.model):
+            return AdapterCopy(self, component)
         return Generator(copy.deepcopy(self.model), self.tokenizer, self.cfg, self.ledger, component)
+
+    @torch.no_grad()
+    def snapshot_(self, source: Generator) -> None:
+        """This copy's weights become `source`'s current ones (the whole model, for a deep copy)."""
+        self.model.load_state_dict(source.model.state_dict())
+
+    def trainable_parameters(self) -> List[nn.Parameter]:
+        """The parameters training may update: under LoRA the adapter weights (`lora_` names) except
+        those of adapter copies (`copy_as`), never the base; otherwise every parameter."""
+        if not _is_peft(self.model):
+            return list(self.model.parameters())
+        return [p for n, p in self.model.named_parameters() if "lora_" in n and id(p) not in self._copied]
 
     @property
     def device(self) -> torch.device:
@@ -239,9 +261,19 @@ class Generator(nn.Module):
         return base.get_output_embeddings()
 
     def shape(self) -> ModelShape:
+        """The model as one forward runs it: under LoRA the base and the active adapter only (an
+        adapter copy's weights sit idle in the same model while the policy runs, and vice versa)."""
         conf = self.model.config
         head_dim = getattr(conf, "head_dim", None) or conf.hidden_size // conf.num_attention_heads
-        return ModelShape.of(self.model, conf.num_hidden_layers, head_dim * conf.num_attention_heads)
+        shape = ModelShape.of(self.model, conf.num_hidden_layers, head_dim * conf.num_attention_heads)
+        idle = [m.weight for m in _idle_adapter_linears(self.model)]
+        if not idle:
+            return shape
+        return dataclasses.replace(
+            shape,
+            matmul_params=shape.matmul_params - sum(w.numel() for w in idle),
+            trainable_matmul_params=shape.trainable_matmul_params - sum(w.numel() for w in idle if w.requires_grad),
+        )
 
     # ---- decoding -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -390,6 +422,158 @@ class Generator(nn.Module):
                 eta_cutoff=0.0,
             )
         return GenerationConfig(**kw)
+
+
+class AdapterCopy(Generator):
+    """A frozen copy of a LoRA generator: a second adapter, named after its component, in the SAME
+    peft model as the policy adapter (what `Generator.copy_as` returns under LoRA).
+
+    Why: a deep copy of base + adapter doubles the generator's memory and saves the frozen base
+    weights again, under the copy's name, in every checkpoint; the copy differs only in its adapter.
+    - Weights: its parameters are the copy adapter's alone, registered under `adapter.` with the
+      peft model's names minus the adapter's (`adapter.base_model.model.<...>.q_proj.lora_A.weight`);
+      the model is the generator's (held, not a submodule), so a checkpoint holds only the adapter
+      under the copy's name. The generator's own state dicts, at every level of its model, leave
+      the copy adapter out: they are what they were before the copy existed.
+    - Frozen: its parameters never require grad and are not the generator's trainable ones
+      (`Generator.trainable_parameters`). Every call (all scoring goes through `_logprobs`, all
+      decoding through `sample_ids`) runs under no grad with the whole peft model in eval mode and
+      the copy adapter active (peft's `set_adapter`; not `disable_adapter`, which would be the
+      base), then restores the previously active adapter, every requires_grad flag (peft's
+      set_adapter changes them) and every train mode, also when the call raises.
+    - Cost: charged under its component; `shape()` counts the base and the active adapter, so a
+      call costs a forward of base + one adapter, as a deep copy's did.
+    - `snapshot_(generator)` copies the policy adapter's weights into it; it is created as such a
+      copy. `ragtune.decoding`'s decoders run `gen.model` directly: they serve the policy only.
+    """
+
+    def __init__(self, source: Generator, component: str):
+        super().__init__(source.model, source.tokenizer, source.cfg, source.ledger, component)
+        model = self._modules.pop("model")  # held, not registered: the base weights stay the generator's
+        object.__setattr__(self, "model", model)
+        policy = model.active_adapter
+        if component in model.peft_config or _adapter_param_names(model, component):
+            raise ValueError(f"copy_as: '{component}' already names an adapter or a module of the generator")
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        with torch.random.fork_rng(devices=[]):  # peft draws initial values (on the CPU): overwritten below
+            model.add_adapter(component, copy.deepcopy(model.peft_config[policy]))
+        for p, flag in flags:  # adding an adapter re-marks the active one trainable: undo that
+            p.requires_grad_(flag)
+        params = dict(model.named_parameters())
+        names = _adapter_param_names(model, component)
+        mine = {_rename(n, component, None): params[n] for n in names}
+        self.adapter = _Shared(mine)
+        self.adapter.requires_grad_(False)
+        self._pairs = [(params[n], params[_rename(n, component, policy)]) for n in names]  # (copy, policy)
+        source._copied.update(id(p) for p in mine.values())
+        _hide_from_state_dicts(model, names)
+        self.snapshot_(source)
+
+    def copy_as(self, component: str) -> Generator:
+        raise NotImplementedError("copy the generator itself, not one of its adapter copies")
+
+    @torch.no_grad()
+    def snapshot_(self, source: Generator) -> None:
+        """The copy adapter's weights become the policy adapter's current ones."""
+        if source.model is not self.model:
+            raise ValueError("an adapter copy snapshots the generator whose model it lives in")
+        for mine, theirs in self._pairs:
+            mine.copy_(theirs)
+
+    def trainable(self) -> bool:
+        return False
+
+    @contextmanager
+    def _active(self) -> Iterator[None]:
+        """No grad, the whole model in eval mode, this adapter active; everything restored after."""
+        model = self.model
+        previous = model.active_adapter
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        modes = [(m, m.training) for m in model.modules()]
+        try:
+            model.eval()
+            model.set_adapter(self.component, inference_mode=True)
+            with torch.no_grad():
+                yield
+        finally:
+            model.set_adapter(previous)
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            for m, mode in modes:
+                m.training = mode
+
+    def _logprobs(self, *args, **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
+        with self._active():
+            return super()._logprobs(*args, **kwargs)
+
+    def sample_ids(self, *args, **kwargs) -> Sampled:
+        with self._active():
+            return super().sample_ids(*args, **kwargs)
+
+
+class _Shared(nn.Module):
+    """Parameters of another module registered under their dotted names (the same tensors, nothing
+    copied), so that they are this module's parameters and state dict."""
+
+    def __init__(self, params: Dict[str, nn.Parameter]):
+        super().__init__()
+        for name, p in params.items():
+            *path, leaf = name.split(".")
+            mod = self
+            for part in path:
+                if part not in mod._modules:
+                    mod.add_module(part, nn.Module())
+                mod = mod._modules[part]
+            mod.register_parameter(leaf, p)
+
+
+def _is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def _adapter_param_names(model: nn.Module, adapter: str) -> List[str]:
+    """Names of a peft adapter's parameters: peft puts the adapter's name as one segment of them."""
+    return [n for n, _ in model.named_parameters() if adapter in n.split(".")]
+
+
+def _rename(name: str, adapter: str, to: Optional[str]) -> str:
+    """`name` with its `adapter` segment replaced by `to` (dropped when None)."""
+    parts = [to if s == adapter else s for s in name.split(".")]
+    return ".".join(s for s in parts if s is not None)
+
+
+def _hide_from_state_dicts(model: nn.Module, names: Sequence[str]) -> None:
+    """Leave the named parameters out of the state dict of `model` and of every submodule holding
+    them (a post-hook on each owner). A strict load of such a state dict into a copy of `model`
+    made after this fails: copy the model before."""
+    owners: Dict[str, List[str]] = {}
+    for n in names:
+        owner, _, leaf = n.rpartition(".")
+        owners.setdefault(owner, []).append(leaf)
+    for owner, leaves in owners.items():
+
+        def drop(module, state_dict, prefix, local_metadata, leaves=tuple(leaves)) -> None:
+            for leaf in leaves:
+                state_dict.pop(prefix + leaf, None)
+
+        model.get_submodule(owner).register_state_dict_post_hook(drop)
+
+
+def _idle_adapter_linears(model: nn.Module) -> List[nn.Linear]:
+    """The nn.Linear modules of a peft model's inactive adapters: they do no work in a forward."""
+    if not _is_peft(model):
+        return []
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    out = []
+    for layer in model.modules():
+        if isinstance(layer, BaseTunerLayer):
+            active = set(layer.active_adapters)
+            for attr in layer.adapter_layer_names:
+                for name, sub in getattr(layer, attr).items():
+                    if name not in active and isinstance(sub, nn.Module):
+                        out += [m for m in sub.modules() if isinstance(m, nn.Linear)]
+    return out
 
 
 def _target_logprobs(head: nn.Module, x: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:

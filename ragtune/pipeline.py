@@ -89,17 +89,12 @@ class RAGPipeline(nn.Module):
         return mods
 
     def component_params(self) -> Dict[str, List[nn.Parameter]]:
-        """Trainable parameters per component (LoRA adapters only when LoRA is on); frozen parts: none."""
-        gen = self.generator.model
-        gen_params = (
-            [p for n, p in gen.named_parameters() if "lora_" in n]
-            if hasattr(gen, "peft_config")
-            else list(gen.parameters())
-        )
+        """Trainable parameters per component (LoRA adapters only when LoRA is on, never those of an
+        adapter copy: `Generator.trainable_parameters`); frozen parts: none."""
         out = {
             "query_encoder": list(self.retriever.query_encoder.parameters()),
             "doc_encoder": [] if self.retriever.shared else list(self.retriever.doc_encoder.parameters()),
-            "generator": gen_params,
+            "generator": self.generator.trainable_parameters(),
         }
         for part in self.strategy.parts():
             out[part.name] = list(self.strategy.part_module(part.name).parameters()) if part.trainable else []

@@ -62,12 +62,13 @@ Reductions (`reduction`), as `LossSum(total, count)` over any split into micro-b
   step, a constant factor away from the plain sum.
 
 Reference model: a frozen `Part("reference")`, the `Generator` wrapper built by
-`rag.generator.copy_as("reference")` in `setup` (registered as a whole: its parameters live at
-`strategy.reference.model.*`, checkpointed, never optimised, and its calls are charged under
-"reference", never as the production generator). It is snapshotted from the generator in
-`on_phase_start` of the rl phase when the phase is not resumed (so the KL is to the SFT result),
-never when resumed (the checkpoint restored it). Under LoRA it is a full copy of the adapted
-model; a second, frozen adapter on the same base would be lighter.
+`rag.generator.copy_as("reference")` in `setup` (a full copy, its parameters at
+`strategy.reference.model.*`; under LoRA a second, frozen adapter in the generator's own peft
+model, only its adapter weights at `strategy.reference.adapter.*`, the base shared; checkpointed,
+never optimised, and its calls are charged under "reference", never as the production generator).
+It is snapshotted from the generator (`snapshot_`) in `on_phase_start` of the rl phase when the
+phase is not resumed (so the KL is to the SFT result), never when resumed (the checkpoint restored
+it).
 
 Algorithm (`algorithm`): `grpo` (default, above) or `ppo`, the paper's choice: a trainable
 `critic` part (the generator's decoder plus a value head, its trunk copied from the generator when
@@ -287,9 +288,12 @@ class RAGR1(Strategy):
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def setup(self, rag) -> None:
+        # the critic's trunk copies the generator's model before the reference joins it (under LoRA
+        # the reference is an adapter inside that model); registered after it, as before
+        critic = ppo.build_critic(rag) if self.opts.algorithm == "ppo" else None
         self.reference = rag.generator.copy_as("reference")
-        if self.opts.algorithm == "ppo":
-            self.critic = ppo.build_critic(rag)
+        if critic is not None:
+            self.critic = critic
         self._cut: Dict[int, str] = {}  # corpus row -> passage text cut to generator.max_passage_tokens
         self.sft_stats: Dict[str, int] = {}
 
@@ -302,7 +306,7 @@ class RAGR1(Strategy):
     @torch.no_grad()
     def snapshot_reference(self, rag) -> None:
         """The reference becomes a copy of the current generator (the stage-1 result)."""
-        self.reference.model.load_state_dict(rag.generator.model.state_dict())
+        self.reference.snapshot_(rag.generator)
 
     # ---- shared helpers -----------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from helpers import (
     assert_same_tensors,
     build,
     changed_components,
+    deterministic_cost,
     final_weights,
     make_trainer,
     snapshot,
@@ -368,6 +369,60 @@ def test_only_the_generator_is_optimised_and_the_reference_changes_only_by_its_s
     assert not changed["reference"] and not changed["query_encoder"] and not changed["doc_encoder"]
 
 
+LORA = ["generator.lora.enabled=true"]
+REF = "strategy.reference.adapter."
+
+
+def _policy_key(ref_key: str) -> str:
+    """The policy adapter's name (in the generator's model) of a reference weight's checkpoint key."""
+    head, leaf = ref_key[len(REF) :].rsplit(".", 1)
+    return f"{head}.default.{leaf}"
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_lora_reference_is_a_frozen_adapter_never_optimised_and_checkpointed_alone(tmp_path, monkeypatch):
+    cfg = tiny_cfg(tmp_path, *ROOMY, *LORA, "train.steps=4", "train.save_every=1", "eval.splits=[]")
+    data, m, _ = build(cfg)
+    s = m.strategy
+    ref_ids = {id(p) for p in s.reference.parameters()}
+    policy = m.generator.trainable_parameters()
+    assert ref_ids and m.component_params()["reference"] == []
+    assert not ref_ids & {id(p) for p in m.component_params()["generator"]}
+    trainer = make_trainer(cfg, data, m)
+    for phase in s.phases():
+        opt, _, _ = trainer._start_phase(phase, 2)
+        assert [id(p) for g in opt.param_groups for p in g["params"]] == [id(p) for p in policy]
+        assert not any(p.requires_grad for p in s.reference.parameters())
+    monkeypatch.setattr(mod.RAGR1, "on_phase_start", Strategy.on_phase_start)  # no snapshot
+    before = snapshot(m)
+    trainer.fit()
+    changed = changed_components(before, snapshot(m))
+    assert changed["generator"] and all(
+        ".lora_A.default." in n or ".lora_B.default." in n for n in changed["generator"]
+    )
+    assert not changed["reference"] and not changed["query_encoder"] and not changed["doc_encoder"]
+    weights = torch.load(rundir.checkpoints_dir(tmp_path) / "last.pt", weights_only=False)["weights"]
+    ref = {k: v for k, v in weights.items() if k.startswith("strategy.reference.")}
+    assert ref and all(k.startswith(REF) and (".lora_A." in k or ".lora_B." in k) for k in ref)
+    assert sum(v.numel() for v in ref.values()) == sum(p.numel() for p in policy)  # an adapter, no base
+    assert not any(".reference." in k for k in weights if k.startswith("generator."))
+    assert not all(torch.equal(v, weights["generator.model." + _policy_key(k)]) for k, v in ref.items())
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_lora_ppo_critic_copies_the_policy_before_the_reference_adapter_joins_it(tmp_path):
+    _, _, m = _built(tmp_path, *LORA, "strategy.algorithm=ppo")
+    s = m.strategy
+    assert [p.name for p in s.parts()] == ["reference", "critic"] and list(s._modules) == ["reference", "critic"]
+    assert not any("reference" in n.split(".") for n, _ in s.critic.named_parameters())
+    with torch.no_grad():
+        for p in m.generator.trainable_parameters():
+            p.add_(0.01)
+    s.on_phase_start(m, step_ctx(m, "rl"), False)  # snapshot + the critic's trunk loaded strictly
+    gen = m.generator.model.state_dict()
+    assert all(torch.equal(v, gen[_policy_key(REF + k)]) for k, v in s.reference.adapter.state_dict().items())
+
+
 @pytest.mark.parametrize(
     "override, key",
     [
@@ -430,6 +485,51 @@ def test_resume_mid_rl_is_bit_identical(tmp_path, monkeypatch):
     assert any(r.get("phase") == "rl" and r.get("grad_norm", 0) > 0 for r in rows)
     assert rows == step_lines(b / "metrics.jsonl")
     assert timeless(ra["test"]) == timeless(rb["test"])
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_lora_resume_mid_rl_is_bit_identical_with_the_reference_adapter_restored(tmp_path, monkeypatch):
+    """test_resume_mid_rl_is_bit_identical under LoRA: the reference is an adapter in the
+    generator's model, restored from the checkpoint on resume (created from the untrained adapter
+    in setup, so a reference not restored would differ from the SFT result), never re-copied."""
+    monkeypatch.setattr(mod.RAGR1, "_answer", lambda self, t: (t.turns[-1] if t.turns else "", False))
+    monkeypatch.setattr(mod, "metrics", SimpleNamespace(exact_match=lambda pred, golds: float(len(pred) % 2)))
+    starts = []
+    real_start = mod.RAGR1.on_phase_start
+
+    def on_phase_start(self, rag, ctx, resumed):
+        real_start(self, rag, ctx, resumed)
+        starts.append((ctx.phase.name, resumed, {k: v.clone() for k, v in rag.generator.model.state_dict().items()}))
+
+    monkeypatch.setattr(mod.RAGR1, "on_phase_start", on_phase_start)
+    common = [*ROOMY, *LORA, "train.steps=6", "train.save_every=1", "train.log_every=1", "strategy.max_turns=1"]
+    common += ["eval.splits=[test]"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    ra = run.train_and_evaluate(tiny_cfg(a, *common))
+    assert [(n, r) for n, r, _ in starts] == [("sft", False), ("rl", False)]
+    sft_end = starts[1][2]
+    starts.clear()
+    with pytest.raises(KeyboardInterrupt):
+        run.train_and_evaluate(tiny_cfg(b, *common, "debug.stop_after=5"))
+    assert torch.load(rundir.checkpoints_dir(b) / "last.pt", weights_only=False)["step"] == 5
+    starts.clear()
+    rb = run.train_and_evaluate(tiny_cfg(b, *common))
+    assert [(n, r) for n, r, _ in starts] == [("rl", True)]  # resumed: not snapshotted again
+    assert ra["status"] == rb["status"] == "ok"
+    wa, wb = final_weights(a), final_weights(b)
+    assert_same_tensors(wa, wb)  # generator AND reference adapter
+    ref = {_policy_key(k): v for k, v in wa.items() if k.startswith("strategy.reference.")}
+    assert ref and all(k.startswith(REF) for k in wa if k.startswith("strategy.reference."))
+    assert_same_tensors(ref, {k: sft_end[k] for k in ref})  # the reference is the SFT adapter ...
+    gen = {k[len("generator.model.") :]: v for k, v in wa.items() if k.startswith("generator.")}
+    assert not all(torch.equal(gen[k], ref[k]) for k in ref)  # ... and RL moved the policy adapter away
+    assert not any(".reference." in k for k in gen)
+    rows = step_lines(a / "metrics.jsonl")
+    assert any(r.get("phase") == "rl" and r.get("grad_norm", 0) > 0 for r in rows)
+    assert rows == step_lines(b / "metrics.jsonl")
+    assert timeless(ra["test"]) == timeless(rb["test"])
+    assert deterministic_cost(ra["cost"]) == deterministic_cost(rb["cost"])
+    assert ra["cost"]["flops_by_component"]["reference"]["score"] > 0
 
 
 @pytest.mark.parametrize("updates", [1, 2])
