@@ -223,12 +223,11 @@ def validate(spec) -> None:
     for v, var in spec.variants.items():
         if v in REGISTRY:
             raise ConfigError(f"experiment key 'variants.{v}': the name of a registered strategy")
-        if v not in names:
-            raise ConfigError(f"experiment key 'variants.{v}': not listed in 'strategies'")
+        # a variant runs only when 'strategies' lists it (a command line may select a subset)
         for o in var.overrides:
             if "=" not in o or o.split("=", 1)[0].strip() == "strategy.name":
                 raise ConfigError(f"experiment key 'variants.{v}.overrides': '{o}' (key=value, not strategy.name)")
-    known = set(REGISTRY) | set(names)
+    known = set(REGISTRY) | set(names) | set(spec.variants)
     for key, grid in spec.grids.items():
         if key != "default" and key not in known:
             raise ConfigError(f"experiment key 'grids.{key}': not a strategy of this experiment nor 'default'")
