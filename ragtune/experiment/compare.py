@@ -223,9 +223,12 @@ def compare(
     ok = [r for r in rows if r.get("status", "ok") == "ok"]
     if len(ok) >= 2:
         print(significance(ok, split, metric, samples, seed, kinds), file=sys.stderr if fmt == "csv" else sys.stdout)
+    top = tuple(_name(r) for r in ok[:2]) if len(ok) >= 2 else ()
     for a, b in pairs:
         try:
             ra, rb = named_pair(ok, a, b)
+            if (_name(ra), _name(rb)) == top:  # already printed: the test between the top two rows
+                continue
             print(paired(ra, rb, split, metric, samples, seed, kinds), file=sys.stderr if fmt == "csv" else sys.stdout)
         except CompareError as e:
             errors.append(str(e))

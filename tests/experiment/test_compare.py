@@ -85,6 +85,8 @@ def test_pair_tests_named_rows_and_an_unknown_name_exits_1(tmp_path, capsys):
     lines = [x for x in md.splitlines() if x.startswith("paired test")]
     assert rc == 0 and len(lines) == 2  # the top two, then the requested pair
     assert "s (a) vs s (b)" in lines[0] and "s (c) vs s (b)" in lines[1] and "-20.00" in lines[1]
+    rc, md = _call([a, b, c, "--pair", "s (a)", "s (b)"])  # the top two themselves: printed once
+    assert rc == 0 and [x for x in md.splitlines() if x.startswith("paired test")] == lines[:1]
     rc, _ = _call([a, b, "--pair", "s (a)", "nope"])
     assert rc == 1 and "no finished row named nope" in capsys.readouterr().err
 
