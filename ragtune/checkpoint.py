@@ -2,7 +2,9 @@
 
 Only components that can change are saved (everything trained in some phase, plus the
 strategy's non-derivable parts, frozen ones included: a hook may update them); the passage
-embeddings are saved once the index has been rebuilt by training. Files are written to a
+embeddings are saved once the index has been rebuilt by training, as a reference to the index
+store's one copy per passage-encoder state (`ragtune.index_store`; `index.store=inline` keeps
+them in the file). Files are written to a
 temporary name and renamed, so a kill during a save never leaves a torn checkpoint. Restoring is
 strict: a key missing from the checkpoint, or one the pipeline does not have, is an error.
 
@@ -65,7 +67,8 @@ def trained_weights(rag, components) -> dict:
     prefixes = tuple(prefix(c) for c in components)
     if rag.retriever.shared and PREFIX["query_encoder"] in prefixes:
         prefixes += (PREFIX["doc_encoder"],)
-    return {k: v.detach().clone() for k, v in rag.state_dict().items() if k.startswith(prefixes)}
+    # copied straight to CPU: no device clone (a GPU copy of every weight) before the save
+    return {k: v.detach().to("cpu", copy=True) for k, v in rag.state_dict().items() if k.startswith(prefixes)}
 
 
 def _world_size() -> int:
@@ -123,12 +126,14 @@ class Checkpointer:
             "sched": sched.state_dict() if sched is not None else None,
             "rng": rng_state(),
             "sampler": sampler.state_dict(),
-            "index": rag.index.state_dict() if rag.index.version > 1 else None,
+            # a reference to the index store's copy (ragtune.index_store), unless index.store=inline
+            "index": rag.index.state_dict(referrer=self.latest) if rag.index.version > 1 else None,
             "ledger": rag.ledger.state_dict(),
             "strategy_extra": rag.strategy.extra_state() if strategy_extra is None else strategy_extra,
             "trainer": trainer or {},  # the trainer's own running state (e.g. a log window)
         }
         fileio.save_torch(state, self.latest)
+        rag.index.release(self.latest)  # store entries only the previous last.pt referenced are freed
 
     def load_latest(self) -> Optional[dict]:
         if not self.latest.exists():

@@ -180,16 +180,29 @@ class RetrieverConfig:
 
 @dataclass
 class IndexConfig:
-    backend: str = choice("exact", "exact", "faiss_flat", "faiss_hnsw", "faiss_ivf")  # exact = torch matmul
+    # exact = torch matmul + topk; auto = exact below auto_min_passages passages and on a GPU, an
+    # approximate faiss index (auto_backend) above it on CPU (ragtune/index.py)
+    backend: str = choice("auto", "auto", "exact", "faiss_flat", "faiss_hnsw", "faiss_ivf")
     refresh_every: int = nonneg(
         0
     )  # steps between re-embeddings when the passage encoder trains (0: only at phase ends)
     hnsw_m: int = 32
     ivf_nlist: int = 64
     ivf_nprobe: int = 8
-    use_gpu: bool = True  # only used when faiss sees a GPU
+    ivf_train_per_list: int = positive(64)  # k-means sample per IVF list (faiss's default is 256)
+    auto_min_passages: int = positive(200_000)  # from this corpus size `auto` is approximate on CPU
+    auto_backend: str = choice("faiss_ivf", "faiss_ivf", "faiss_hnsw")
+    auto_nprobe: int = positive(32)  # lists probed by `auto`'s IVF index (of ~sqrt(N) lists)
+    recall_queries: int = nonneg(256)  # an approximate index is checked against exact on this many passages
+    recall_k: int = positive(10)
+    use_gpu: bool = True  # faiss-gpu only when usable (ragtune.index.faiss_gpu_status); else torch on the GPU
     batch_size: int = 256
+    sort_by_length: bool = True  # embed the corpus in length-sorted batches (less padding; equal up to rounding)
     cache_initial: bool = True  # embed the corpus once per passage tower (ragtune.index_cache); charged every run
+    # where final.pt and checkpoints keep the index: "" = <data.cache_dir>/index (one copy per
+    # passage-encoder state, referenced by key; ragtune.index_store), "inline" = inside each file,
+    # else a folder
+    store: str = ""
 
 
 @dataclass

@@ -236,11 +236,15 @@ def generate_flops(
 def search_flops(backend: str, n_queries: int, n_passages: int, dim: int, cfg: Any = None) -> int:
     """Estimated FLOPs of one index search of `n_queries` queries over `n_passages` of width `dim`
     (2 FLOPs per multiply-add of the inner products; the top-k selection is not counted).
+    `backend` is the one searched: `auto` is resolved first (`DenseIndex.plan`, whose parameters
+    `cfg` may be: it has `ivf_nlist`, `ivf_nprobe` and `hnsw_m`).
 
     - exact / faiss_flat: every passage is scored: 2 * Q * N * d.
     - faiss_ivf: the query against the `nlist` centroids, then the `nprobe` probed lists of about
       N / nlist passages each: 2 * Q * d * (nlist + nprobe * N / nlist), with nlist as
-      `DenseIndex` builds it (min(ivf_nlist, N // 39)).
+      `DenseIndex` builds it (min(ivf_nlist, N // 39); `auto`: the power of two nearest sqrt(N),
+      nprobe = auto_nprobe). An estimate: real lists are unequal, and faiss skips nothing inside
+      a probed list.
     - faiss_hnsw: a graph walk of about efSearch (faiss's default 16) candidates whose 2 * M
       bottom-layer neighbours are scored each, plus one per upper layer (log2 N): an estimate,
       2 * Q * d * (16 * 2 * M + log2 N), not a count.
@@ -254,4 +258,6 @@ def search_flops(backend: str, n_queries: int, n_passages: int, dim: int, cfg: A
         return 2 * q * d * (nlist + -(-nprobe * n // nlist))
     if backend == "faiss_hnsw":
         return 2 * q * d * (16 * 2 * int(cfg.hnsw_m) + max(1, n).bit_length())
+    if backend == "auto":
+        raise ValueError("search_flops needs the backend searched: resolve 'auto' first (DenseIndex.plan)")
     raise ValueError(f"unknown index backend {backend!r}")

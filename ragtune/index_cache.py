@@ -2,11 +2,14 @@
 
 Every run of an experiment starts from the same passage tower (the bundled MiniLM, or a tiny
 encoder built from a fixed seed), so every run used to re-embed the same corpus (about 18 s per
-run on the embedded default, hours for a Wikipedia-scale corpus). The embeddings are stored
-under `<data.cache_dir>/index/<key>.pt`, keyed by a SHA-256 over everything they depend on: the
-passage tower's weights, the tokenizer's vocabulary, the passage texts and the retriever's
-encoding settings (max length, pooling, normalisation, the passage prefix) and the embedding
-batch size (which decides padding, hence the FLOPs charged).
+run on the embedded default, hours for a Wikipedia-scale corpus). The embeddings are an entry of
+the index store (`ragtune.index_store`, `<data.cache_dir>/index/<key>.pt` by default), keyed by
+`index_key`: a SHA-256 over everything they depend on: the passage tower's weights, the
+tokenizer's vocabulary, the passage texts and the retriever's encoding settings (max length,
+pooling, normalisation, the passage prefix), the embedding batch size and whether batches are
+length-sorted (which decide padding, hence the FLOPs charged). The same key names every later
+index a run builds (`RAGPipeline.refresh_index`), so final.pt and checkpoints reference entries of
+the same store instead of holding the embeddings.
 
 The cost stays honest: the ledger records of the original build are stored beside the
 embeddings and replayed into the run's ledger on a hit (FLOPs, tokens, calls and the forward
@@ -23,43 +26,80 @@ from pathlib import Path
 
 import torch
 
-from ragtune import fileio
+from ragtune.index_store import IndexStore, MissingIndexEntry
 from ragtune.ledger import Ledger
+
+KEY_VERSION = 2  # 2: length-sorted batches and the device type in the key
+
+
+def _corpus_digest(rag) -> str:
+    """sha256 of the passage texts and the tokenizer's vocabulary, computed once per pipeline
+    (the texts of a pipeline never change; a new tokenizer object is hashed again)."""
+    texts, tok = rag.passage_texts, rag.retriever.tokenizer
+    memo = getattr(rag, "_index_digest_memo", None)
+    if memo is not None and memo[0] is tok and memo[1] == len(texts):
+        return memo[2]
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode())
+        h.update(b"\x00")
+    texts_hex = h.hexdigest()
+    vocab = hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()
+    digest = hashlib.sha256(f"{texts_hex}:{vocab}".encode()).hexdigest()
+    object.__setattr__(rag, "_index_digest_memo", (tok, len(texts), digest))  # a plain attribute, not a module
+    return digest
 
 
 def index_key(rag, batch_size: int) -> str:
+    """The key of the index the passage tower would build now (see the module docstring)."""
     h = hashlib.sha256()
     tower = rag.retriever.doc_encoder
     for name, t in sorted(tower.state_dict().items()):
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     rc = rag.retriever.cfg
+    ic = getattr(getattr(rag, "index", None), "cfg", None)
+    device = next(tower.parameters()).device.type
     spec = {
-        "vocab": sorted(rag.retriever.tokenizer.get_vocab().items()),
+        "version": KEY_VERSION,
+        "corpus": _corpus_digest(rag),
         "settings": [rc.max_passage_length, rc.pooling, bool(rc.normalize), int(batch_size), rc.passage_prefix],
-        "texts": hashlib.sha256("\x00".join(rag.passage_texts).encode()).hexdigest(),
+        "sorted": bool(getattr(ic, "sort_by_length", True)),
+        "device": device,
     }
     h.update(json.dumps(spec).encode())
     return h.hexdigest()[:24]
 
 
+def store_of(cfg) -> IndexStore | None:
+    """The index store of a run config: `index.store` ("" -> `<data.cache_dir>/index`, "inline" ->
+    none: final.pt and checkpoints hold the embeddings themselves)."""
+    where = cfg.index.store
+    if where == "inline":
+        return None
+    return IndexStore(where or Path(cfg.data.cache_dir).expanduser() / "index")
+
+
 def build_initial_index(rag, cache_dir: str, batch_size: int, use_cache: bool) -> bool:
-    """Embed the corpus into `rag.index`, from the cache when possible; True on a cache hit."""
+    """Embed the corpus into `rag.index`, from the cache when possible; True on a cache hit.
+    The cache is the index's store (`rag.index.store`, else `<cache_dir>/index`)."""
     if not use_cache:
         rag.refresh_index(batch_size)
         return False
-    path = Path(cache_dir).expanduser() / "index" / f"{index_key(rag, batch_size)}.pt"
-    if path.exists():
+    store = rag.index.store or IndexStore(Path(cache_dir).expanduser() / "index")
+    key = index_key(rag, batch_size)
+    if store.has(key):
         try:
-            saved = fileio.load_torch(path)
+            saved = store.get(key)
             charges = Ledger()
             charges.load_state_dict(saved["charges"])
-            emb = saved["emb"]
-        except Exception:  # noqa: BLE001 - a cache is never trusted: anything unreadable is rebuilt
+        except (MissingIndexEntry, KeyError, TypeError, ValueError):  # never trusted: rebuilt
             saved = None
-        if saved is not None and emb.shape[0] == len(rag.passage_texts):
-            rag.index.build(emb)
+        if saved is not None and saved["emb"].shape[0] == len(rag.passage_texts):
+            rag.index.build(saved["emb"], key, batch_size)
+            rag.index.digest = saved["digest"]
             rag.ledger.merge(charges)
+            rag.index.prepare()
             return True
     main = rag.retriever.ledger
     charges = Ledger(main.device_name)
@@ -69,6 +109,5 @@ def build_initial_index(rag, cache_dir: str, batch_size: int, use_cache: bool) -
     finally:
         rag.retriever.ledger = main
     main.merge(charges)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fileio.save_torch({"emb": rag.index.emb, "charges": charges.state_dict()}, path)
+    rag.index.digest = store.put(key, rag.index.emb, charges=charges.state_dict())
     return False

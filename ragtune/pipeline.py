@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -60,6 +61,7 @@ class RAGPipeline(nn.Module):
         self.corpus = corpus
         self.ledger = ledger
         self.passage_texts = [corpus.passage_text(p) for p in corpus]
+        index.on_missing = self._rebuild_missing_index
         self.doc_trained = False  # set by the trainer: passage tower receives gradients this phase
 
     def forward(self, batch: Sequence[Question], ctx):
@@ -108,17 +110,64 @@ class RAGPipeline(nn.Module):
             modules[comp].train()
 
     def refresh_index(self, batch_size: int = 256) -> None:
-        """Re-embed the whole corpus with the passage tower in eval mode (charged as `index`)."""
+        """Re-embed the whole corpus with the passage tower in eval mode (charged as `index`).
+
+        The corpus is tokenised once per tokenizer (`DualEncoder.passage_tokens`, cached) and
+        embedded in batches of `batch_size` rows sorted by token length (`index.sort_by_length`),
+        so each batch pads to its own longest passage (file order padded the default corpus to
+        1.34x its real tokens); the embeddings are scattered back to corpus order. They equal the
+        file-order ones up to float32 rounding, not to the bit: padding changes the length that
+        attention reduces over, hence the summation order (1.6e-7 at most on MiniLM). The index is
+        keyed by the tower state that built it (`index_cache.index_key`) and its search structure
+        is made at once, so an approximate index's recall is measured at every refresh."""
+        from ragtune.index_cache import index_key
+
         tower = self.retriever.doc_encoder
+        key = index_key(self, batch_size)
+        t0 = clock()
+        tokens = self.retriever.passage_tokens(self.passage_texts)
+        t_tok = clock() - t0
+        n = len(tokens)
+        if getattr(self.index.cfg, "sort_by_length", True):
+            order = torch.from_numpy(np.argsort(tokens.lengths, kind="stable"))  # (N,) rows, shortest first
+        else:
+            order = torch.arange(n)
         was_training = tower.training
         tower.eval()  # no dropout in stored embeddings
-        with torch.no_grad():
-            embs = [
-                self.retriever.encode_passages(self.passage_texts[i : i + batch_size], activity="index")
-                for i in range(0, len(self.passage_texts), batch_size)
-            ]
-        tower.train(was_training)
-        self.index.build(torch.cat(embs))
+        out, padded = None, 0
+        try:
+            with torch.no_grad():
+                for i in range(0, n, batch_size):
+                    rows = order[i : i + batch_size]  # (b,)
+                    batch = tokens.batch(rows.numpy())  # (b, L) padded to this batch's longest
+                    padded += batch["input_ids"].numel()
+                    emb = self.retriever.encode_tokens(batch, tower, "doc_encoder", "index")  # (b, H)
+                    if out is None:
+                        out = torch.empty((n, emb.shape[-1]), dtype=torch.float32)  # (N, H), corpus order
+                    out[rows] = emb.float().cpu()
+        finally:
+            tower.train(was_training)
+        t_embed = clock() - t0 - t_tok
+        self.index.build(out, key, batch_size)
+        self.index.prepare()
+        self.index.info.update(
+            refresh_tokenize_seconds=t_tok,  # ~0 once the corpus tokens are cached
+            refresh_embed_seconds=t_embed,
+            real_tokens=int(tokens.lengths.sum()),
+            padded_tokens=int(padded),
+        )
+
+    def _rebuild_missing_index(self, ref: dict) -> bool:
+        """`DenseIndex.on_missing`: a referenced store entry is gone. Re-embed (charged as any
+        refresh) when the passage tower loaded now is the one that built it; else False."""
+        from ragtune.index_cache import index_key
+
+        bs = ref.get("batch_size")
+        if not bs or index_key(self, bs) != ref["ref"]:
+            return False
+        print(f"index {ref['ref']} is missing from the store: re-embedding the corpus", flush=True)
+        self.refresh_index(bs)
+        return True
 
     # ---- the API strategies use -------------------------------------------------------------
     @contextmanager
@@ -143,12 +192,13 @@ class RAGPipeline(nn.Module):
     def search(self, q: torch.Tensor, k: int) -> torch.Tensor:
         """q (B, H) -> top-k rows (B, k) of the index, best first; no gradient, no texts. Charged
         to the ledger as one `index` call of activity `score` (`eval` under evaluation), with
-        `ragtune.flops.search_flops`'s estimate for the backend and the measured seconds."""
+        `ragtune.flops.search_flops`'s estimate for the backend searched (`index.plan`: `auto`
+        resolved) and the measured seconds."""
         t0 = clock()
         rows = self.index.search(q, k)[1]
         seconds = clock() - t0
-        backend = self.index.cfg.backend
-        flops = search_flops(backend, q.shape[0], len(self.index), q.shape[-1], self.index.cfg)
+        plan = self.index.plan  # the backend actually searched (`auto` resolved), with its parameters
+        flops = search_flops(plan.backend, q.shape[0], len(self.index), q.shape[-1], plan)
         self.ledger.charge("index", "score", tokens=0, flops=flops, seconds=seconds)
         return rows
 

@@ -28,7 +28,7 @@ from ragtune.data.validate import split_overlap
 from ragtune.evaluate import evaluate
 from ragtune.generator import build_generator
 from ragtune.index import DenseIndex
-from ragtune.index_cache import build_initial_index
+from ragtune.index_cache import build_initial_index, store_of
 from ragtune.ledger import Ledger, device_name
 from ragtune.pipeline import RAGPipeline
 from ragtune.retriever import build_retriever
@@ -106,11 +106,11 @@ def build_pipeline(cfg, data: RAGData, ledger: Ledger, final: Optional[dict] = N
         )
     texts = [data.corpus.passage_text(p) for p in data.corpus] + [q.question for q in data.train]
     seed = cfg.train.seed
-    retriever = build_retriever(cfg.retriever, texts, ledger, seed)
+    retriever = build_retriever(cfg.retriever, texts, ledger, seed, cfg.data.cache_dir)
     generator = build_generator(
         cfg.generator, [data.corpus.passage_text(p) for p in data.corpus], ledger, seed + 1, cfg.data.cache_dir
     )
-    rag = RAGPipeline(retriever, generator, DenseIndex(cfg.index), data.corpus, ledger, cls(opts))
+    rag = RAGPipeline(retriever, generator, DenseIndex(cfg.index, store_of(cfg)), data.corpus, ledger, cls(opts))
     torch.manual_seed(seed + 2)
     rag.setup_strategy()  # owned parts exist before any weights are loaded into them
     if final is None and cfg.train.init_from:
@@ -194,13 +194,17 @@ def _train(cfg, run_dir: Path) -> Dict[str, object]:
     if result["status"] == "ok":
         # the index travels with the weights, so a run continuing from this one (train.init_from)
         # does not re-embed (and re-pay for) a corpus this run already embedded
+        # (a reference to the index store's one copy, `ragtune.index_store`, unless index.store=inline)
+        final_file = rundir.final_path(run_dir)
         final = {
             "weights": trained_weights(rag, trainer.components),
-            "index": rag.index.state_dict(),
+            "index": rag.index.state_dict(referrer=final_file),
             "sampler": trainer.sampler.state_dict(),
             "strategy_extra": extra,
         }
         rundir.write_final(run_dir, final)
+        rag.index.release(final_file)  # entries an earlier final.pt of this run directory referenced
+        result["index"] = {**rag.index.info, "passages": len(rag.index), "key": final["index"].get("ref")}
         result.update(evaluate_splits(cfg, rag, data, run_dir, trainer.step))
     result["steps"] = trainer.step
     result["cost"] = ledger.totals()
