@@ -228,6 +228,12 @@ class PretrainConfig:
 @dataclass
 class GeneratorConfig:
     model: str = "tiny"  # tiny | <local path or hub name>
+    # weights are loaded in this dtype; every parameter training may update is kept in float32
+    # (master weights: LoRA adapters, or the whole model without LoRA), compute follows train.precision
+    dtype: str = choice("float32", "float32", "bfloat16", "float16")
+    # end-of-sequence tokens besides the tokenizer's eos (instruct models have several, e.g.
+    # Qwen2.5: <|im_end|> and <|endoftext|>); each must be one token of the vocabulary
+    eos_tokens: List[str] = field(default_factory=list)
     prompt_template: str = "Passage: {passage}\nQuestion: {question}\nAnswer:"
     answer_prefix: str = " "
     max_prompt_length: int = positive(128)

@@ -254,7 +254,7 @@ def beam_search(
         new_seqs = []
         for n in range(N):
             cands = zip(top_s[n], top_i[n])
-            live = [] if done[n] else _expand(cands, V, beams, gen.eos_id, seqs[n], finished[n])
+            live = [] if done[n] else _expand(cands, V, beams, gen.eos_ids, seqs[n], finished[n])
             if not done[n] and steps == max_new:  # out of steps: the live beams end unfinished
                 finished[n] += [Hypothesis(seqs[n][h] + [tok], s, False) for h, tok, s in live]
                 done[n] = True
@@ -277,16 +277,16 @@ def beam_search(
     return [sorted(f, key=lambda h: -h.score)[:beams] for f in finished]
 
 
-def _expand(cands, V, beams, eos, seqs, fin: List[Hypothesis]) -> List[Tuple[int, int, float]]:
+def _expand(cands, V, beams, eos: frozenset, seqs, fin: List[Hypothesis]) -> List[Tuple[int, int, float]]:
     """A group's next live beams (source hypothesis, token, score) from its (score, flat index)
-    candidates, best first; an eos among the top `beams` candidates finishes its hypothesis
+    candidates, best first; an end token (any of `eos`) among the top `beams` candidates finishes its hypothesis
     (appended to `fin`) instead. `seqs`: the group's live token lists."""
     live = []
     for rank, (s, i) in enumerate(cands):
         if len(live) == beams or s == float("-inf"):
             break
         h, tok = divmod(i, V)
-        if tok != eos:
+        if tok not in eos:
             live.append((h, tok, s))
         elif rank < beams:
             fin.append(Hypothesis(seqs[h] + [tok], s, True))

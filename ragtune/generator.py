@@ -39,6 +39,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from ragtune import prompts as prompting
+from ragtune.config import ConfigError
 from ragtune.flops import ModelShape
 from ragtune.ledger import Ledger, clock
 
@@ -61,7 +62,10 @@ class Generator(nn.Module):
         self.cfg = cfg
         self.ledger = ledger
         self.component = component  # the ledger charges every call of this instance under this name
-        self.eos_id = tokenizer.eos_token_id
+        self.eos_id = tokenizer.eos_token_id  # the end appended to training answers
+        # every id that ends a generation: the tokenizer's eos and generator.eos_tokens, nothing
+        # inherited from the model's generation_config (explicit, like every sampling setting)
+        self.eos_ids = _eos_ids(tokenizer, list(getattr(cfg, "eos_tokens", None) or []))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self._copied: set = set()  # ids of the parameters of adapter copies living in self.model
 
@@ -355,8 +359,9 @@ class Generator(nn.Module):
             cut, why = min(budgets[i], len(row)), "length"
             if ends.stop_at[i] is not None and ends.stop_at[i] <= cut:
                 cut, why = ends.stop_at[i], "stop"
-            if self.eos_id is not None and self.eos_id in row[:cut]:
-                cut, why = row.index(self.eos_id) + 1, "eos"
+            end = next((j for j, tok in enumerate(row[:cut]) if tok in self.eos_ids), None)
+            if end is not None:
+                cut, why = end + 1, "eos"
             ids.append(row[:cut])
             logprobs.append(lp[i, :cut].tolist())
             finish.append(why)
@@ -410,7 +415,7 @@ class Generator(nn.Module):
             remove_invalid_values=False,
             use_cache=True,
             pad_token_id=self.pad_id,
-            eos_token_id=self.eos_id,
+            eos_token_id=sorted(self.eos_ids) if len(self.eos_ids) > 1 else self.eos_id,
         )
         if do_sample:
             kw.update(
@@ -655,8 +660,36 @@ def _without_model_generation_defaults(model: nn.Module) -> Iterator[None]:
         base.generation_config = saved
 
 
+def _eos_ids(tokenizer, extra: List[str]) -> frozenset:
+    """The ids ending a generation: the tokenizer's eos plus each of `extra` (generator.eos_tokens),
+    each of which must be a single token of the vocabulary."""
+    ids = {tokenizer.eos_token_id} - {None}
+    vocab = tokenizer.get_vocab() if extra else {}
+    for i, t in enumerate(extra):
+        if t not in vocab:
+            raise ConfigError(f"config key 'generator.eos_tokens[{i}]': {t!r} is not a token of the generator's vocabulary")
+        ids.add(vocab[t])
+    return frozenset(ids)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def master_weights_fp32(gen: Generator) -> int:
+    """Cast every parameter training may update (`trainable_parameters`) to float32, the frozen
+    base staying in its loaded dtype: AdamW on bf16/fp16 weights loses updates below the weights'
+    precision (a bf16 weight of 1.0 ignores steps under 4e-3). Returns the number cast."""
+    n = 0
+    for p in gen.trainable_parameters():
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
+            n += 1
+    return n
+
+
 def build_generator(cfg, texts: List[str], ledger: Ledger, seed: int, cache_dir: str = "") -> Generator:
-    """Build from `cfg.generator`: tiny (optionally LM-pretrained on `texts`, cached) or HF name/path."""
+    """Build from `cfg.generator`: tiny (optionally LM-pretrained on `texts`, cached) or HF name/path,
+    in `cfg.dtype` with float32 master weights for what training may update."""
     from ragtune import modelzoo
     from ragtune.pretrain import pretrained_tiny_generator
 
@@ -667,7 +700,8 @@ def build_generator(cfg, texts: List[str], ledger: Ledger, seed: int, cache_dir:
             tok = modelzoo.train_bpe(texts, cfg.tiny.vocab_size)
             model = modelzoo.tiny_decoder(cfg.tiny, tok, seed)
     else:
-        model, tok = modelzoo.load_hf(cfg.model, "generator.model", causal=True)
+        model, tok = modelzoo.load_hf(cfg.model, "generator.model", causal=True, dtype=DTYPES[cfg.dtype])
+    model = model.to(DTYPES[cfg.dtype])
     if cfg.lora.enabled:
         from peft import LoraConfig, get_peft_model
 
@@ -680,4 +714,6 @@ def build_generator(cfg, texts: List[str], ledger: Ledger, seed: int, cache_dir:
                 target_modules=list(cfg.lora.target_modules),
             ),
         )
-    return Generator(model, tok, cfg, ledger)
+    gen = Generator(model, tok, cfg, ledger)
+    master_weights_fp32(gen)
+    return gen

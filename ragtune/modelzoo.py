@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Iterable, List
+from typing import Iterable, List, Optional
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: F401
@@ -182,8 +182,10 @@ def _in_hub_cache(name: str) -> bool:
         return False
 
 
-def load_hf(name: str, key: str, causal: bool):
-    """Load (model, tokenizer) from a local folder or a hub id; a missing local path names the key."""
+def load_hf(name: str, key: str, causal: bool, dtype: Optional[torch.dtype] = None):
+    """Load (model, tokenizer) from a local folder or a hub id, in `dtype` (None: the library's
+    default, float32) rather than whatever the checkpoint's config says; a missing local path
+    names the key."""
     path = Path(name).expanduser()
     if looks_local_path(name) and not path.exists():
         raise ModelLoadError(f"config key '{key}': model path not found: {name}")
@@ -196,7 +198,7 @@ def load_hf(name: str, key: str, causal: bool):
     try:
         tok = AutoTokenizer.from_pretrained(src)
         cls = AutoModelForCausalLM if causal else AutoModel
-        model = cls.from_pretrained(src)
+        model = cls.from_pretrained(src, **({"dtype": dtype} if dtype is not None else {}))
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"config key '{key}': cannot load model '{name}': {str(e).splitlines()[0]}") from e
     if tok.pad_token is None:
