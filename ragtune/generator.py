@@ -667,7 +667,9 @@ def _eos_ids(tokenizer, extra: List[str]) -> frozenset:
     vocab = tokenizer.get_vocab() if extra else {}
     for i, t in enumerate(extra):
         if t not in vocab:
-            raise ConfigError(f"config key 'generator.eos_tokens[{i}]': {t!r} is not a token of the generator's vocabulary")
+            raise ConfigError(
+                f"config key 'generator.eos_tokens[{i}]': {t!r} is not one token of the generator's vocabulary"
+            )
         ids.add(vocab[t])
     return frozenset(ids)
 

@@ -8,12 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 from omegaconf import OmegaConf
+from test_generator_tokens import TEXTS, _rows, tiny_generator
 
 from ragtune.config import ConfigError
 from ragtune.generator import build_generator
 from ragtune.ledger import Ledger
-
-from test_generator_tokens import TEXTS, _rows, tiny_generator
 
 
 def test_an_extra_end_token_ends_a_row_like_eos():
