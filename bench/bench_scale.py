@@ -13,7 +13,10 @@ person, so no filler passages are needed). What it does and prints:
 2. In this process, from the stored index (`<cache>/index`, referenced by final.pt) and the
    trained query tower: search ms per batch of 16 real question embeddings, exact (torch) vs the
    approximate index `auto` built, and the approximate index's recall@10 against exact on them.
-3. With `--refresh`: two refreshes of the corpus with the initial passage tower, the first
+3. With `--minilm-sort` (or `--only-minilm-sort`, nothing else): the default corpus
+   (configs/default.yaml) with its retriever (MiniLM), file-order vs length-sorted batches:
+   padding, embedding seconds in alternating passes, and how many rows differ.
+4. With `--refresh`: two refreshes of the corpus with the initial passage tower, the first
    tokenising, the second from the cached token ids, then one in file order (no length sort):
    seconds each, and the largest difference between sorted and file-order embeddings.
 
@@ -180,6 +183,41 @@ def bench_refresh(cfg, data, a):
     )
 
 
+def bench_minilm_sort(passes: int = 2):
+    """configs/default.yaml's corpus and retriever: file order vs length-sorted embedding."""
+    import numpy as np
+
+    from ragtune.config import load_config
+    from ragtune.ledger import Ledger
+    from ragtune.retriever import build_retriever
+    from ragtune.run import load_data
+
+    cfg = load_config([str(ROOT / "configs" / "default.yaml")], ["run_dir=/tmp/ragtune-bench-sort"])
+    data = load_data(cfg.data)
+    texts = [data.corpus.passage_text(p) for p in data.corpus]
+    r = build_retriever(cfg.retriever, texts, Ledger("bench"), cfg.train.seed)
+    tok = r.passage_tokens(texts)
+    bs, lens, n = cfg.index.batch_size, tok.lengths, len(texts)
+    print(f"## {cfg.retriever.model} on the default corpus: {n} passages, batches of {bs}")
+    ref = None
+    for name, order in [("file order", np.arange(n)), ("sorted", np.argsort(lens, kind="stable"))] * passes:
+        padded = sum(int(lens[order[i : i + bs]].max()) * len(order[i : i + bs]) for i in range(0, n, bs))
+        out = None
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for i in range(0, n, bs):
+                rows = order[i : i + bs]
+                emb = r.encode_tokens(tok.batch(rows), r.doc_encoder, "doc_encoder", "index")
+                out = torch.empty(n, emb.shape[-1]) if out is None else out
+                out[torch.from_numpy(rows)] = emb
+        dt = time.perf_counter() - t0
+        ref = out if ref is None else ref
+        differ = int(((out - ref).abs().max(1).values > 0).sum())
+        print(
+            f"{name:>10}: padding {padded / lens.sum():.3f}x, embed {dt:.1f} s, rows differing from file order {differ}"
+        )
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--people", type=int, default=120_000, help="120000: ~1.04M passages")
@@ -190,10 +228,14 @@ def main():
     ap.add_argument("--out", default="/tmp/ragtune-bench-scale")
     ap.add_argument("--skip-train", action="store_true", help="reuse the run in --out")
     ap.add_argument("--refresh", action="store_true", help="also time refreshes (3 corpus embeddings)")
+    ap.add_argument("--minilm-sort", action="store_true", help="also file order vs sorted on the default corpus")
+    ap.add_argument("--only-minilm-sort", action="store_true")
     ap.add_argument("override", nargs="*", help="extra key=value overrides for the run")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     print(time.strftime("%Y-%m-%d %H:%M:%S"), f"torch {torch.__version__}, {os.cpu_count()} CPUs", flush=True)
+    if a.only_minilm_sort:
+        return bench_minilm_sort()
     if not a.skip_train:
         train_child(a)
     cfg, data, retriever, emb = load_parts(a)
@@ -202,6 +244,8 @@ def main():
     if a.refresh:
         del retriever, emb
         bench_refresh(cfg, data, a)
+    if a.minilm_sort:
+        bench_minilm_sort()
 
 
 if __name__ == "__main__":

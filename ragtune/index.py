@@ -226,6 +226,8 @@ class DenseIndex:
         q = q.detach().float()
         plan = self.prepare(q.device)
         if plan.where == "torch":
+            if self._emb_dev is not None and self._emb_dev.device != q.device:  # another GPU (a rank's)
+                self._emb_dev = self.emb.to(q.device)
             emb = self._emb_dev if self._emb_dev is not None else self.emb
             scores, rows = self._exact(q.to(emb.device), k, emb)
             return scores.to(q.device), rows.to(q.device)
