@@ -18,7 +18,10 @@ device once per build. faiss-gpu is used only when `faiss.get_num_gpus() > 0` (t
 imports on machines without a GPU and then silently returns empty indexes), the GPU's compute
 capability is one the installed wheel was built for (`_WHEEL_ARCHS`) and a probe search on the
 GPU returns what faiss on CPU returns; otherwise search falls back to exact torch search on the
-GPU, with a warning that says why.
+GPU, with a warning that says why. Which wheel: `faiss-gpu-cu12` (setup.cfg's `gpu` extra) is
+built for compute capability 7.0-8.9 from 1.9 on (Volta to Ada), so on an H100/H200 (9.0) it is
+not used; `faiss-gpu-cu12-cuvs` (sm_75/80/86/90) covers Hopper. `auto` searches exactly on a GPU:
+one (B, N) matmul per batch there (1M x 384 float32 is 1.5 GB of GPU memory; not measured here).
 
 The embeddings (N, H) are kept on CPU in every case: strategies score arbitrary candidate rows
 against them, and `state_dict()` saves them, or with a store (`ragtune.index_store`) a reference
