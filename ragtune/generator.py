@@ -415,7 +415,7 @@ class Generator(nn.Module):
             remove_invalid_values=False,
             use_cache=True,
             pad_token_id=self.pad_id,
-            eos_token_id=sorted(self.eos_ids) if len(self.eos_ids) > 1 else self.eos_id,
+            eos_token_id=sorted(self.eos_ids) or None,
         )
         if do_sample:
             kw.update(
@@ -677,13 +677,14 @@ def _eos_ids(tokenizer, extra: List[str]) -> frozenset:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def master_weights_fp32(gen: Generator) -> int:
-    """Cast every parameter training may update (`trainable_parameters`) to float32, the frozen
-    base staying in its loaded dtype: AdamW on bf16/fp16 weights loses updates below the weights'
-    precision (a bf16 weight of 1.0 ignores steps under 4e-3). Returns the number cast."""
+def float32_(params: Sequence[nn.Parameter]) -> int:
+    """Master weights: cast each of `params` (parameters training may update) to float32 in place
+    (the Parameter objects stay the same), the frozen rest staying in its loaded dtype: AdamW on
+    bf16/fp16 weights loses updates below the weights' precision (a bf16 weight of 1.0 ignores
+    steps under 4e-3). Returns the number cast."""
     n = 0
-    for p in gen.trainable_parameters():
-        if p.dtype != torch.float32:
+    for p in params:
+        if p.is_floating_point() and p.dtype != torch.float32:
             p.data = p.data.float()
             n += 1
     return n
@@ -717,5 +718,5 @@ def build_generator(cfg, texts: List[str], ledger: Ledger, seed: int, cache_dir:
             ),
         )
     gen = Generator(model, tok, cfg, ledger)
-    master_weights_fp32(gen)
+    float32_(gen.trainable_parameters())
     return gen

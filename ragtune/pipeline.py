@@ -21,7 +21,7 @@ from torch import nn
 from ragtune.candidates import Candidates
 from ragtune.data import Corpus, Question
 from ragtune.flops import search_flops
-from ragtune.generator import Generator
+from ragtune.generator import Generator, float32_
 from ragtune.index import DenseIndex
 from ragtune.ledger import Ledger, clock
 from ragtune.losses import retrieval_entropy
@@ -80,6 +80,8 @@ class RAGPipeline(nn.Module):
         for part in self.strategy.parts():
             if not part.trainable:
                 self.strategy.part_module(part.name).requires_grad_(False)
+        # a part copied from a bf16-loaded model (e.g. a critic's trunk) trains in float32 too
+        float32_([p for params in self.component_params().values() for p in params])
 
     def component_modules(self) -> Dict[str, nn.Module]:
         mods = {

@@ -99,6 +99,9 @@ class Options:
     reader_fraction: float = 0.3  # share of train.steps for the reader phase (0 = no such phase)
     imitate_fraction: float = 0.0  # share of train.steps imitating the gold chains before RL (0 = none)
     imitate_negatives: int = nonneg(8)  # imitate: hard negatives mined from the index per state
+    # imitate: chain = each state's target is the next gold passage (gold_passage_ids in hop order:
+    # the synthetic benchmark, MuSiQue); any = every gold passage not selected yet (HotpotQA, 2Wiki)
+    imitate_order: str = choice("chain", "chain", "any")
     reader_context: str = choice("gold", "gold", "padded")  # padded: + retrieved non-gold up to the horizon
     reduction: str = choice("sum", *losses.REDUCTIONS)  # of the reader phase's answer NLL
     pool: str = choice("index", "index", "candidates")  # actions: the index's top rows | own candidates
@@ -235,22 +238,24 @@ class RLRetriever(Strategy):
     # ---- phase 2 (optional): imitating the gold chains -----------------------------------------
     def _imitate_loss(self, batch, rag):
         """InfoNCE of each state along a question's gold chain on its next gold passage: s_0 = the
-        question -> gold_1, s_1 = question [SEP] gold_1 -> gold_2, ... (hop order), the towers
-        scoring as Q does (cosine / retriever temperature). Candidates: the batch's positives plus
-        `imitate_negatives` index rows mined per state; a state's other unselected gold passages
-        are not negatives (a comparison question may take its hops in either order) and its
-        selected ones are not actions (masked out)."""
-        chains = [rag.rows_of(x.gold_passage_ids) for x in batch]
+        question -> gold_1, s_1 = question [SEP] gold_1 -> gold_2, ... (hop order; `imitate_order=
+        any`: on each gold passage not selected yet), logits = cosine / the retriever's temperature.
+        Candidates: the batch's positives plus `imitate_negatives` index rows mined per state; a
+        state's other gold passages are not negatives (a comparison question may take its hops in
+        either order) and its selected ones are not actions (masked out)."""
+        chains = [list(dict.fromkeys(rag.rows_of(x.gold_passage_ids))) for x in batch]  # a repeated id: once
         if not all(chains):
             raise ValueError("strategy.imitate_fraction needs gold_passage_ids on every training question")
-        pairs = [(b, t) for b, g in enumerate(chains) for t in range(len(g))]  # (P,) states
-        s = self.encode_states(
-            rag, [self.state_text(rag, batch[b].question, chains[b][:t]) for b, t in pairs]
-        )  # (P, H)
+        # (P,) pairs (question b, state t, target row): `chain` the chain's next gold passage, `any`
+        # every gold passage not selected yet (data whose gold order is not hop order)
+        span = len if self.opts.imitate_order == "any" else (lambda g: 1)
+        pairs = [(b, t, r) for b, g in enumerate(chains) for t in range(len(g)) for r in g[t : t + span(g)]]
+        texts = [self.state_text(rag, batch[b].question, chains[b][:t]) for b, t, _ in pairs]
+        s = self.encode_states(rag, texts)  # (P, H)
         dev = s.device
-        uniq, pos = torch.tensor([chains[b][t] for b, t in pairs], device=dev).unique(return_inverse=True)  # (N,), (P,)
+        uniq, pos = torch.tensor([r for _, _, r in pairs], device=dev).unique(return_inverse=True)  # (N,), (P,)
         d = rag.passage_embeddings(uniq).to(s.dtype)  # (N, H)
-        own = [set(chains[b]) for b, _ in pairs]  # every gold row of the state's question: never a negative
+        own = [set(chains[b]) for b, _, _ in pairs]  # every gold row of the state's question: never a negative
         mask_out = torch.tensor([[r in g for r in uniq.tolist()] for g in own], device=dev)  # (P, N)
         hard = None
         if self.opts.imitate_negatives:
@@ -259,7 +264,10 @@ class RLRetriever(Strategy):
                 top = rag.search(s.detach(), min(len(rag.index), n + len(set(uniq.tolist())) + max(map(len, own))))
             skip = set(uniq.tolist())
             rows = [[r for r in row if r not in g and r not in skip][:n] for row, g in zip(top.tolist(), own)]
-            hard = rag.passage_embeddings(torch.tensor(rows, dtype=torch.long, device=dev)).to(s.dtype)  # (P, M, H)
+            m = min(map(len, rows))  # equal per state (a tiny index may leave fewer than n, or none)
+            if m:
+                idx = torch.tensor([r[:m] for r in rows], dtype=torch.long, device=dev)
+                hard = rag.passage_embeddings(idx).to(s.dtype)  # (P, M, H)
         loss = losses.contrastive_loss(s, d, pos, rag.retriever.temperature, hard_negatives=hard, mask_out=mask_out)
         return LossSum(loss * len(pairs), float(len(pairs))), {"imitate_states": float(len(pairs))}
 

@@ -196,6 +196,15 @@ def test_the_critic_exists_only_under_ppo(tmp_path):
     assert not hasattr(mg.strategy, "critic") and not any("critic" in k for k in mg.state_dict())
 
 
+def test_the_critic_trains_in_float32_when_the_generator_is_loaded_in_bf16(tmp_path):
+    lora = ["generator.lora.enabled=true", "generator.lora.target_modules=[q_proj,v_proj]"]
+    _, _, m, _ = _built(tmp_path, "generator.dtype=bfloat16", *lora)
+    critic = m.component_params()["critic"]
+    assert critic and all(p.dtype == torch.float32 for p in critic)  # its copied trunk: master weights
+    base = [p for n, p in m.generator.model.named_parameters() if "lora_" not in n]
+    assert base and all(p.dtype == torch.bfloat16 for p in base)  # the frozen base stays as loaded
+
+
 def test_critic_trunk_is_copied_at_rl_start_unless_resumed_and_its_calls_are_charged(tmp_path):
     _, _, m, ledger = _built(tmp_path)
     s = m.strategy

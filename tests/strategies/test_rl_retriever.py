@@ -306,6 +306,24 @@ def test_imitation_scores_each_state_of_the_gold_chain_against_its_next_gold_pas
     assert torch.allclose(loss.total, want, atol=1e-5)
 
 
+def test_imitation_order_any_targets_every_gold_passage_not_selected_yet(tmp_path, monkeypatch):
+    cfg = tiny_cfg(tmp_path, RL, "strategy.imitate_fraction=0.3", "strategy.imitate_order=any")
+    data, m, _ = build(cfg)
+    s = m.strategy
+    x = data.train[6]  # two gold passages
+    g = m.rows_of(x.gold_passage_ids)
+    texts, seen = [], {}
+    orig_states, orig_loss = s.encode_states, losses.contrastive_loss
+    monkeypatch.setattr(s, "encode_states", lambda rag, t, target=False: texts.extend(t) or orig_states(rag, t))
+    monkeypatch.setattr(
+        losses, "contrastive_loss", lambda q, d, p, *a, **k: seen.update(p=p) or orig_loss(q, d, p, *a, **k)
+    )
+    loss, _ = s.loss([x], m, step_ctx(m, "imitate"))
+    s1 = s.state_text(m, x.question, g[:1])
+    assert texts == [x.question, x.question, s1] and loss.count == 3  # s_0 -> gold_1 and gold_2; s_1 -> gold_2
+    assert [sorted(g)[i] for i in seen["p"].tolist()] == [g[0], g[1], g[1]]
+
+
 def test_imitation_phase_runs_between_the_reader_and_rl_phases():
     ph = RLRetriever(Options(reader_fraction=0.2, imitate_fraction=0.3, towers="state")).phases()
     assert [(p.name, sorted(p.trains), round(p.fraction, 6)) for p in ph] == [
@@ -442,6 +460,7 @@ def test_reader_fraction_zero_has_only_the_rl_phase():
         "reader_fraction=1.0",
         "imitate_fraction=0.7",  # with the default reader_fraction 0.3: no step left for rl
         "imitate_negatives=-1",
+        "imitate_order=random",
         "fact_reward=-0.5",
         "pool=web",
         "pool_size=0",
