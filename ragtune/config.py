@@ -299,6 +299,12 @@ class TrainConfig:
     seed: int = 0
     threads: int = nonneg(0)  # torch threads on CPU (0 = leave as is)
     precision: str = choice("no", "no", "bf16")  # accelerate mixed precision; fp16 needs loss scaling: refused
+    # data parallelism under a launcher (ragtune.distributed): ddp, or deepspeed (ZeRO-2/3 through
+    # accelerate, configured by `deepspeed_config`, a JSON file; "" = configs/deepspeed/zero2.json)
+    distributed: str = choice("ddp", "ddp", "deepspeed")
+    deepspeed_config: str = ""
+    dist_timeout_s: int = positive(1800)  # a training collective waiting longer fails the run
+    dist_wait_s: int = positive(86400)  # how long other ranks wait while the main process evaluates or writes
     tensorboard: bool = False
     progress: bool = True
     only_phase: str = ""  # run only this phase of a phased strategy

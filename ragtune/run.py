@@ -25,6 +25,7 @@ from ragtune.data import RAGData, load_hf, load_passages, load_questions, load_s
 from ragtune.data.schema import DataError
 from ragtune.data.synth import SynthConfig
 from ragtune.data.validate import split_overlap
+from ragtune.distributed import wait_for_main
 from ragtune.evaluate import evaluate
 from ragtune.generator import build_generator
 from ragtune.index import DenseIndex
@@ -134,13 +135,13 @@ def seed_everything(seed: int, threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def _accelerator(precision: str):
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+def _accelerator(precision: str, tc=None):
+    """The run's Accelerator for `train.distributed` (`ragtune.distributed.build_accelerator`:
+    the backend that started is checked against the one requested). The trainer wraps each phase's
+    trained components itself (`ragtune.distributed`), never the whole pipeline."""
+    from ragtune.distributed import build_accelerator
 
-    # phases freeze different components, so some parameters get no gradient in a given step
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
+    return build_accelerator(precision, tc)
 
 
 def train_and_evaluate(cfg) -> Dict[str, object]:
@@ -164,11 +165,13 @@ def train_and_evaluate(cfg) -> Dict[str, object]:
 def _train(cfg, run_dir: Path) -> Dict[str, object]:
     save_config(cfg, rundir.config_path(run_dir))
     seed_everything(cfg.train.seed, cfg.train.threads)
-    acc = _accelerator(cfg.train.precision)
+    acc = _accelerator(cfg.train.precision, cfg.train)
     ledger = Ledger(device_name(acc.device))
     data = load_data(cfg.data)
     parent = read_final(cfg.train.init_from, "train.init_from") if cfg.train.init_from else None
     rag = build_pipeline(cfg, data, ledger, parent).to(acc.device)
+    if not acc.is_main_process:  # every rank built the same pipeline (initial index too): charged once, on rank 0
+        ledger.load_state_dict(Ledger(ledger.device_name).state_dict())
     result: Dict[str, object] = {
         "strategy": cfg.strategy.name,
         "status": "ok",
@@ -189,7 +192,7 @@ def _train(cfg, run_dir: Path) -> Dict[str, object]:
         result.update(status="diverged", reason=str(e), dev=None, test=None)
     extra = merged_extra_state(rag.strategy)  # every rank's strategy state: all ranks gather, then rank 0 writes
     if not acc.is_main_process:  # the main process evaluates and writes the results
-        acc.wait_for_everyone()
+        wait_for_main(acc)  # with train.dist_wait_s, which covers the evaluation
         return {**result, "secondary_process": True}
     if result["status"] == "ok":
         # the index travels with the weights, so a run continuing from this one (train.init_from)
@@ -209,7 +212,7 @@ def _train(cfg, run_dir: Path) -> Dict[str, object]:
     result["steps"] = trainer.step
     result["cost"] = ledger.totals()
     write_result(run_dir, result)
-    acc.wait_for_everyone()
+    wait_for_main(acc)
     return result
 
 

@@ -17,12 +17,19 @@ grad once per `Phase.updates` optimizer steps and its experience is split into m
 checkpoints fall on collection boundaries) or iterate over strategy-built examples
 (`Phase.examples`: `build_examples` once at the phase start, with a resumable sampler of its own).
 
+Several processes (`ragtune.distributed`): only the phase's trained components are wrapped (DDP,
+or a DeepSpeed ZeRO-2/3 engine), accumulation micro-steps skip the all-reduce, each rank draws
+from its own seed (its RNG state is checkpointed per rank), logged step values are means over
+ranks (the global batch), the index refresh is charged once, and the other ranks wait for the
+main process's evaluation and writes at a barrier with its own long timeout.
+
 Hook order (the contract in `ragtune.strategy`): setup (in `run.build_pipeline`) -> restore ->
 `on_phase_start(rag, ctx, resumed)` -> per step `loss` ... `on_step_end(rag, ctx)`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -31,13 +38,15 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ragtune import fileio, rundir
-from ragtune.checkpoint import Checkpointer, merged_extra_state, prefix, saved_components
+from ragtune import distributed, fileio, rundir
+from ragtune.checkpoint import Checkpointer, merged_extra_state, prefix, rng_state, saved_components, set_rng_state
 from ragtune.config import ConfigError
 from ragtune.diagnostics import gradient_variance, metrics_row
 from ragtune.evaluate import evaluate
 from ragtune.sampler import BatchSampler
-from ragtune.strategy import OPTIM_KEYS, LossSum, Phase, StepContext
+from ragtune.strategy import OPTIM_KEYS, LossSum, Phase, StepContext, Strategy
+
+ENGINE_DIR = "engine"  # DeepSpeed engine checkpoints, inside the checkpoints folder
 
 
 class Diverged(RuntimeError):
@@ -149,7 +158,14 @@ class Trainer:
         self.norm_window: Dict[str, Tuple[float, int]] = {}  # grad_norm/<component> -> (sum, steps)
         self.metrics_path = rundir.metrics_path(self.run_dir)
         self.tb = None
-        self.model = accelerator.prepare_model(rag) if accelerator.num_processes > 1 else rag
+        self.dist = distributed.backend(accelerator, rag, self.tc)
+        self.model = rag  # per phase: what the backend wraps (`prepare`)
+        if self.dist.owns_optimizer_state and cfg.diagnostics.grad_variance_every:
+            raise ConfigError(
+                "config key 'diagnostics.grad_variance_every': its backward would run through DeepSpeed's "
+                "gradient hooks (train.distributed=deepspeed); set it to 0"
+            )
+        distributed.seed_rank(self.tc.seed, accelerator.process_index)  # after every rank built the same models
 
     # ---- setup per phase --------------------------------------------------------------------
     def _doc_side_trains(self, trains) -> bool:
@@ -188,6 +204,7 @@ class Trainer:
             start_phase, phase_step = state["phase_idx"], state["phase_step"]
             self.step = state["step"]
             self.ckpt.restore(state, self.rag, self.sampler)
+            self._restore_rank_rng(state)
             self.norm_window = dict((state.get("trainer") or {}).get("norm_window", {}))
             if not self.acc.is_main_process:  # the checkpointed ledger is the merged total: count it once
                 self._reset_ledger()
@@ -203,12 +220,28 @@ class Trainer:
             first = phase_step if pi == start_phase else 0
             opt, sched, settings = self._start_phase(phase, n_steps)
             resumed = state is not None and pi == start_phase and first > 0
+            engine_tag = ((state or {}).get("trainer") or {}).get("engine") if resumed else None
             if resumed and opt is not None:
-                opt.load_state_dict(state["opt"])
+                if bool(engine_tag) != self.dist.owns_optimizer_state:  # the optimizer state is elsewhere
+                    where = "a DeepSpeed engine checkpoint" if engine_tag else "last.pt (no DeepSpeed engine)"
+                    raise RuntimeError(
+                        f"{self.ckpt.latest}: its optimizer state is in {where}; resume it with the "
+                        "train.distributed that wrote it"
+                    )
+                if not self.dist.owns_optimizer_state:
+                    opt.load_state_dict(state["opt"])
                 sched.load_state_dict(state["sched"])
             self.strategy.on_phase_start(self.rag, self._ctx(phase, first, n_steps, opt), resumed)
             if opt is not None:
-                self._run_phase(pi, phase, n_steps, first, opt, sched, settings, state if resumed else None)
+                # wrapped after on_phase_start: DDP broadcasts what the hook initialised from rank 0
+                self.model, opt = self.dist.prepare(phase, opt, settings)
+                try:
+                    if resumed and self.dist.owns_optimizer_state:
+                        self.dist.load(self.ckpt.folder / ENGINE_DIR, engine_tag)
+                    self._run_phase(pi, phase, n_steps, first, opt, sched, settings, state if resumed else None)
+                finally:
+                    self.dist.end_phase()
+                    self.model = self.rag
             self.rag.doc_trained = False
         self._sync_ledger()
         if self.tb:
@@ -250,7 +283,8 @@ class Trainer:
             logs.update(collect_logs)
             self._add_to_window(logs)
             self.step += 1
-            self.strategy.on_step_end(self.rag, self._ctx(phase, ps + 1, n_steps, opt))
+            with self._gathered_for("on_step_end"):
+                self.strategy.on_step_end(self.rag, self._ctx(phase, ps + 1, n_steps, opt))
             bar.update(1)
             last = ps == n_steps - 1
             # the phase-end refresh happens before the phase-end checkpoint, so a run resumed from
@@ -284,25 +318,50 @@ class Trainer:
         bar.close()
 
     def _save(self, pi, ps, last, opt, sched, example_sampler) -> None:
-        self.check_finite_weights(opt)
+        """last.pt (main process). Collectives first, on every rank: the finite check (agreed over
+        ranks), the ledger and strategy state, every rank's RNG state and, under DeepSpeed, the
+        engine's own checkpoint (partitioned optimizer state) under a new tag that last.pt names."""
+        with self.dist.gathered():
+            distributed.all_agree(self.acc, lambda: self.check_finite_weights(opt))
         self._sync_ledger()
         extra = merged_extra_state(self.strategy)  # a collective: every rank, before the main-only write
-        if self.acc.is_main_process:
-            trainer = {"norm_window": dict(self.norm_window)}
-            if example_sampler is not None and not last:
-                trainer["example_sampler"] = example_sampler.state_dict()
-            self.ckpt.save(
-                self.rag,
-                self.sampler,
-                opt,
-                sched,
-                step=self.step,
-                phase_idx=pi + 1 if last else pi,
-                phase_step=0 if last else ps + 1,
-                trainer=trainer,
-                strategy_extra=extra,
-            )
-        self.acc.wait_for_everyone()
+        trainer = {"norm_window": dict(self.norm_window), "rank_rng": self.rag.gather(rng_state())}
+        if example_sampler is not None and not last:
+            trainer["example_sampler"] = example_sampler.state_dict()
+        engine_dir = self.ckpt.folder / ENGINE_DIR
+        if self.dist.owns_optimizer_state:
+            trainer["engine"] = self.dist.save(engine_dir, self.step)
+        with self.dist.gathered():
+            if self.acc.is_main_process:
+                self.ckpt.save(
+                    self.rag,
+                    self.sampler,
+                    None if self.dist.owns_optimizer_state else opt,
+                    sched,
+                    step=self.step,
+                    phase_idx=pi + 1 if last else pi,
+                    phase_step=0 if last else ps + 1,
+                    trainer=trainer,
+                    strategy_extra=extra,
+                )
+                if self.dist.owns_optimizer_state:
+                    distributed.prune_engine_checkpoints(engine_dir, keep=trainer["engine"])
+            distributed.wait_for_main(self.acc)
+
+    def _restore_rank_rng(self, state: dict) -> None:
+        """Each rank's own RNG state from the checkpoint (restore set rank 0's on all); resumed
+        with another number of ranks, ranks > 0 are reseeded from the run's seed and the step."""
+        saved = (state.get("trainer") or {}).get("rank_rng")
+        rank = self.acc.process_index
+        if saved and len(saved) == self.acc.num_processes:
+            set_rng_state(saved[rank])
+        elif rank:
+            distributed.seed_rank(self.tc.seed + self.step, rank)
+
+    def _gathered_for(self, hook: str):
+        """ZeRO-3 parameters gathered around a strategy hook, when the strategy overrides it."""
+        overridden = getattr(type(self.strategy), hook) is not getattr(Strategy, hook)
+        return self.dist.gathered() if overridden else contextlib.nullcontext()
 
     def _phase_data(self, phase: Phase, first: int, state: Optional[dict]):
         """(items, sampler) a phase draws its batches from: the training questions and the run's
@@ -313,7 +372,7 @@ class Trainer:
             return self.train_qs, self.sampler
         resumed = first > 0
         saved = self.rag.ledger.state_dict() if resumed else None
-        with self.rag.ledger.wall("train"), self.rag.scoring():
+        with self.rag.ledger.wall("train"), self.dist.gathered(), self.rag.scoring():
             items = list(self.strategy.build_examples(phase, self.train_qs, self.rag))
         if saved is not None:
             self.rag.ledger.load_state_dict(saved)
@@ -331,7 +390,7 @@ class Trainer:
         dropout off, split into `updates * grad_accum` contiguous micro-batches."""
         accum = self.tc.grad_accum
         batch = [self.train_qs[j] for _ in range(accum) for j in self.sampler.next()]
-        with self.rag.ledger.wall("train"), self.acc.autocast(), self.rag.scoring():
+        with self.rag.ledger.wall("train"), self.dist.gathered(), self.acc.autocast(), self.rag.scoring():
             items, logs = self.strategy.collect(batch, self.rag, ctx)
         items = list(items)
         n = updates * accum
@@ -356,38 +415,48 @@ class Trainer:
         sums: List[Tuple[float, float]] = []  # (loss total, count) of LossSum micro-batches
         with self.rag.ledger.wall("train"):
             for i, batch in enumerate(micro):
-                with self.acc.autocast():
-                    out, logs = self.model(batch, ctx)
-                is_sum = isinstance(out, LossSum)
-                if i and is_sum != bool(sums):
-                    raise TypeError(f"strategy '{self.strategy.name}' mixed LossSum and tensor losses in one step")
-                loss = out.total if is_sum else out
-                # several processes: a NaN on one rank reaches every rank through the gradient
-                # all-reduce and is caught by the norm check below on all of them at once
-                if self.acc.num_processes == 1 and not torch.isfinite(loss.detach()):
-                    raise Diverged(f"non-finite loss ({loss.item()}) at step {self.step + 1}")
-                self.acc.backward(loss if is_sum else loss / accum)
+                last = i == accum - 1
+                with self.dist.sync(self.model, last):  # DDP: no all-reduce before the last micro-step
+                    with self.acc.autocast():
+                        out, logs = self.dist.forward(self.model, batch, ctx)
+                    is_sum = isinstance(out, LossSum)
+                    if i and is_sum != bool(sums):
+                        raise TypeError(f"strategy '{self.strategy.name}' mixed LossSum and tensor losses in one step")
+                    loss = out.total if is_sum else out
+                    # several processes: a NaN on one rank reaches every rank through the gradient
+                    # all-reduce and is caught by the norm check below on all of them at once
+                    if self.acc.num_processes == 1 and not torch.isfinite(loss.detach()):
+                        raise Diverged(f"non-finite loss ({loss.item()}) at step {self.step + 1}")
+                    self.dist.backward(loss if is_sum else loss / accum, last)
                 if is_sum:
                     sums.append((loss.item(), float(out.count)))
                 else:
                     logs = {"loss": loss.item(), **logs}
                 for k, v in logs.items():
                     totals[k] = totals.get(k, 0.0) + float(v) / accum
-            params = [p for g in opt.param_groups for p in g["params"]]
+            totals = self._rank_mean(totals)
             if sums:
-                totals["loss"] = self._normalise(params, sums)
-            norm, per_group = grad_norms(opt)  # before clipping
+                totals["loss"] = self._normalise(opt, sums)
+            norm, per_group = self.dist.grad_norms(opt)  # before clipping
             totals.update({f"grad_norm/{name}": v for name, v in per_group.items()})
-            max_norm = clip_norm if clip_norm > 0 else float("inf")
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
             if not torch.isfinite(norm):
                 raise Diverged(f"non-finite gradient norm at step {self.step + 1}")
-            opt.step()
+            self.dist.step(opt, clip_norm, norm)
             sched.step()
-            opt.zero_grad(set_to_none=True)
         self.rag.ledger.sample_memory()
         totals["grad_norm"] = float(norm)
         return totals
+
+    def _rank_mean(self, totals: Dict[str, float]) -> Dict[str, float]:
+        """Several processes: each logged value averaged over the ranks that reported it (the
+        global batch's value: every rank draws the same number of questions); as is otherwise."""
+        if self.acc.num_processes == 1:
+            return totals
+        out: Dict[str, List[float]] = {}
+        for rank_totals in self.rag.gather(totals):
+            for k, v in rank_totals.items():
+                out.setdefault(k, []).append(v)
+        return {k: sum(vs) / len(vs) for k, vs in out.items()}
 
     def _grad_variance(self, ctx: StepContext) -> Dict[str, float]:
         """Every `diagnostics.grad_variance_every` steps: the gradient-variance diagnostic on the
@@ -418,7 +487,7 @@ class Trainer:
         self.norm_window = {}
         return out
 
-    def _normalise(self, params, sums: List[Tuple[float, float]]) -> float:
+    def _normalise(self, opt, sums: List[Tuple[float, float]]) -> float:
         """Divide summed gradients by the total count over micro-batches and ranks; the loss value."""
         stats = torch.tensor([sum(t for t, _ in sums), sum(c for _, c in sums)], dtype=torch.float64)
         if self.acc.num_processes > 1:
@@ -427,10 +496,7 @@ class Trainer:
         if count <= 0:
             raise ValueError(f"strategy '{self.strategy.name}' returned a LossSum with count {count}")
         # the all-reduce averaged gradients over ranks; undo that and divide by the count instead
-        scale = self.acc.num_processes / count
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(scale)
+        self.dist.scale_grads(opt, self.acc.num_processes / count)
         return total / count
 
     def check_finite_weights(self, opt) -> None:
@@ -468,31 +534,39 @@ class Trainer:
         self.rag.ledger.load_state_dict(type(self.rag.ledger)(self.rag.ledger.device_name).state_dict())
 
     def _refresh(self):
-        with self.rag.ledger.wall("index"):
+        """Re-embed the corpus on every rank (each searches its own copy of the index); charged
+        once, on the main rank: the other ranks' charges for the same logical work are dropped."""
+        saved = None if self.acc.is_main_process else self.rag.ledger.state_dict()
+        with self.rag.ledger.wall("index"), self.dist.gathered():
             self.rag.refresh_index(self.cfg.index.batch_size)
+        if saved is not None:
+            self.rag.ledger.load_state_dict(saved)
 
     def _eval_dev(self, phase):
-        if not self.acc.is_main_process:  # one evaluation per run, not one per rank
-            return
-        ec = self.cfg.eval
-        with self.rag.ledger.wall("eval"):
-            res = evaluate(
-                self.rag,
-                self.dev_qs,
-                ec.k or self.tc.k,
-                list(ec.recall_k),
-                ec.batch_size,
-                step=self.step,
-                decoder=ec.decoder,
-                beams=ec.beams,
-            )
-        self._log(
-            {
-                "step": self.step,
-                "phase": phase.name,
-                **{f"dev/{k}": v for k, v in res.items() if isinstance(v, (int, float))},
-            }
-        )
+        """Dev evaluation on the main process (one per run, not one per rank) while the others wait
+        at `wait_for_main` (its long timeout covers the evaluation; ZeRO-3: parameters gathered)."""
+        with self.dist.gathered():
+            if self.acc.is_main_process:
+                ec = self.cfg.eval
+                with self.rag.ledger.wall("eval"):
+                    res = evaluate(
+                        self.rag,
+                        self.dev_qs,
+                        ec.k or self.tc.k,
+                        list(ec.recall_k),
+                        ec.batch_size,
+                        step=self.step,
+                        decoder=ec.decoder,
+                        beams=ec.beams,
+                    )
+                self._log(
+                    {
+                        "step": self.step,
+                        "phase": phase.name,
+                        **{f"dev/{k}": v for k, v in res.items() if isinstance(v, (int, float))},
+                    }
+                )
+            distributed.wait_for_main(self.acc)
         self.rag.set_modes(phase.trains)
 
     def _log(self, row: Dict[str, object]) -> None:

@@ -1,0 +1,55 @@
+"""torchrun child of tests/core/test_distributed.py: `ragtune train ARGS` in this process, with
+every DDP all-reduce recorded by a communication hook (which parameters each bucket carried), what
+each phase's wrapped module holds, and this rank's seed; written to
+$RAGTUNE_DIST_LOG/rank<R>.json for the test to check."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+from ragtune import distributed
+from ragtune.cli import main
+
+RECORD = {"phases": [], "allreduces": []}
+_wrap = distributed.DDP._wrap
+
+
+def _recording_wrap(self, module):
+    ddp = _wrap(self, module)
+    names = {id(p): n for n, p in module.named_parameters()}
+    trains = sorted(module.parts.keys())
+    groups = module.rag.component_params()
+    trained = {id(p) for c in trains for p in groups[c]}
+    RECORD["phases"].append(
+        {
+            "trains": trains,
+            "trained": sorted(names[i] for i in trained if i in names),
+            "module": sorted(names.values()),
+            "requires_grad": sorted(n for n, p in module.named_parameters() if p.requires_grad),
+        }
+    )
+
+    def hook(state, bucket):
+        RECORD["allreduces"].append(
+            {"trains": trains, "bucket": bucket.index(), "params": sorted(names[id(p)] for p in bucket.parameters())}
+        )
+        return default_hooks.allreduce_hook(None, bucket)
+
+    ddp.register_comm_hook(None, hook)
+    return ddp
+
+
+if __name__ == "__main__":
+    distributed.DDP._wrap = _recording_wrap
+    code = main(sys.argv[1:])
+    RECORD["seed"] = torch.initial_seed()
+    out = Path(os.environ["RAGTUNE_DIST_LOG"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(RECORD))
+    sys.exit(code)
