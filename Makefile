@@ -9,7 +9,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # A pinned torch takes the CPU wheel on CPU machines; set TORCH=torch on GPU machines.
 TORCH ?= torch==2.13.0
-EXTRAS ?= dev,faiss,ray,plot
+EXTRAS ?= dev,faiss,ray,plot,deepspeed
 STAMP := $(VENV)/.ragtune-installed
 EXPERIMENT ?= experiments/default.yaml
 OUT ?= results/default
