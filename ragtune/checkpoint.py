@@ -67,8 +67,25 @@ def trained_weights(rag, components) -> dict:
     prefixes = tuple(prefix(c) for c in components)
     if rag.retriever.shared and PREFIX["query_encoder"] in prefixes:
         prefixes += (PREFIX["doc_encoder"],)
+    base = _frozen_base_keys(rag)
     # copied straight to CPU: no device clone (a GPU copy of every weight) before the save
-    return {k: v.detach().to("cpu", copy=True) for k, v in rag.state_dict().items() if k.startswith(prefixes)}
+    return {
+        k: v.detach().to("cpu", copy=True)
+        for k, v in rag.state_dict().items()
+        if k.startswith(prefixes) and k not in base
+    }
+
+
+def _frozen_base_keys(rag) -> set:
+    """Under LoRA, the generator's state-dict keys that no training updates (the base model's
+    weights and buffers): never saved, since every run rebuilds them from `generator.model`, so a
+    LoRA run's final.pt and checkpoints hold its adapters only. Empty without LoRA."""
+    gen = rag.generator
+    if not hasattr(gen.model, "peft_config"):
+        return set()
+    trained = {id(p) for p in gen.trainable_parameters()}
+    names = {n for n, p in rag.named_parameters() if id(p) in trained}
+    return {k for k in rag.state_dict() if k.startswith(PREFIX["generator"]) and k not in names}
 
 
 def _world_size() -> int:
