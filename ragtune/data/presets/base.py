@@ -195,6 +195,35 @@ def join_sentences(sentences: Sequence[str]) -> str:
     return out.strip()
 
 
+def context_gold(ctx, paragraphs, titles: Sequence[str], where: Where, problems: list):
+    """(gold ids, candidate ids) of a question bringing its own titled paragraphs (HotpotQA
+    distractor, 2Wiki): each paragraph registered in the corpus once, gold = the paragraphs of the
+    supporting titles in their order; None (and a problem) for an empty paragraph or a supporting
+    title not among them. With data.corpus_path a supporting title the corpus lacks leaves the
+    question without gold (counted)."""
+    by_title: Dict[str, Optional[str]] = {}
+    cands = []
+    for title, sents in paragraphs:
+        body = join_sentences(sents)
+        if not body:
+            problems.append(Problem(*where, "context", f"paragraph {title!r} has no text"))
+            return None
+        pid = ctx.paragraphs.paragraph(title, body)
+        by_title.setdefault(title, pid)
+        if pid is not None:
+            cands.append(pid)
+    missing = [t for t in titles if t not in by_title]
+    if missing:
+        why = f"title {missing[0]!r} is not among the context paragraphs"
+        problems.append(Problem(*where, "supporting_facts", why))
+        return None
+    gold = [by_title[t] for t in titles]
+    if None in gold:
+        ctx.stats["without_gold_title_not_in_corpus"] += 1
+        gold = []
+    return gold, cands
+
+
 def paragraph_id(title: str, text: str) -> str:
     """A stable passage id for a dataset's own paragraph: the title plus a hash of title and text,
     so the same paragraph shared by many questions is one passage, a title with two different texts

@@ -25,7 +25,16 @@ is the test split here, and dev is carved from train.  No sub-queries (none anno
 from __future__ import annotations
 
 from ..schema import Problem, Question
-from .base import Preset, fact_titles, join_sentences, need_id, need_str, structured, titled_sentences, unique
+from .base import (
+    Preset,
+    context_gold,
+    fact_titles,
+    need_id,
+    need_str,
+    structured,
+    titled_sentences,
+    unique,
+)
 
 SETTINGS = ("distractor", "fullwiki")
 KINDS = ("bridge", "comparison")
@@ -82,23 +91,8 @@ class HotpotQA(Preset):
                 ctx.stats["without_gold_title_not_in_corpus"] += 1
                 gold = []
             return Question(qid, text, [answer], gold, [], meta)
-        by_title = {}
-        cands = []
-        for title, sents in paragraphs:
-            body = join_sentences(sents)
-            if not body:
-                p.append(Problem(*where, "context", f"paragraph {title!r} has no text"))
-                return None
-            pid = ctx.paragraphs.paragraph(title, body)
-            by_title.setdefault(title, pid)
-            if pid is not None:
-                cands.append(pid)
-        missing = [t for t in titles if t not in by_title]
-        if missing:
-            p.append(Problem(*where, "supporting_facts", f"title {missing[0]!r} is not among the context paragraphs"))
+        found = context_gold(ctx, paragraphs, titles, where, p)
+        if found is None:
             return None
-        gold = [by_title[t] for t in titles]
-        if None in gold:  # data.corpus_path given: a supporting title the corpus lacks
-            ctx.stats["without_gold_title_not_in_corpus"] += 1
-            gold = []
+        gold, cands = found
         return Question(qid, text, [answer], gold, unique(cands), meta)

@@ -22,7 +22,16 @@ dev is carved from train.
 from __future__ import annotations
 
 from ..schema import Problem, Question
-from .base import Preset, fact_titles, join_sentences, need_id, need_str, structured, titled_sentences, unique
+from .base import (
+    Preset,
+    context_gold,
+    fact_titles,
+    need_id,
+    need_str,
+    structured,
+    titled_sentences,
+    unique,
+)
 
 KINDS = {
     "comparison": "comparison",
@@ -64,24 +73,10 @@ class TwoWikiMultihopQA(Preset):
             evidences = structured(rec, "evidences", where, p, (list,))
         if len(p) > n:
             return None
-        by_title, cands = {}, []
-        for title, sents in paragraphs:
-            body = join_sentences(sents)
-            if not body:
-                p.append(Problem(*where, "context", f"paragraph {title!r} has no text"))
-                return None
-            pid = ctx.paragraphs.paragraph(title, body)
-            by_title.setdefault(title, pid)
-            if pid is not None:
-                cands.append(pid)
-        missing = [t for t in titles if t not in by_title]
-        if missing:
-            p.append(Problem(*where, "supporting_facts", f"title {missing[0]!r} is not among the context paragraphs"))
+        found = context_gold(ctx, paragraphs, titles, where, p)
+        if found is None:
             return None
-        gold = [by_title[t] for t in titles]
-        if None in gold:
-            ctx.stats["without_gold_title_not_in_corpus"] += 1
-            gold = []
+        gold, cands = found
         meta = {"kind": KINDS[kind], "type": kind}
         if evidences:
             meta["evidences"] = evidences
