@@ -174,16 +174,7 @@ class Generator(nn.Module):
         given ids (no tokenisation), and mask (N, T) = loss_mask (1 where None) x validity (0 at
         padding); tok_lp is 0 where mask is 0. The LM head runs only on the positions predicting
         targets, `generator.logprob_chunk` positions at a time (see `_chunked_logprobs`)."""
-        N = len(contexts)
-        if N != len(targets) or N == 0 or (loss_mask is not None and len(loss_mask) != N):
-            raise ValueError(f"token_logprobs needs equal, non-empty lists, got {N} contexts, {len(targets)} targets")
-        for i, c in enumerate(contexts):
-            if not c:
-                raise ValueError(f"token_logprobs: context {i} is empty (nothing predicts its first target)")
-            if loss_mask is not None and len(loss_mask[i]) != len(targets[i]):
-                raise ValueError(
-                    f"token_logprobs: row {i} has {len(targets[i])} targets, {len(loss_mask[i])} mask values"
-                )
+        check_scored_rows(contexts, targets, loss_mask, "token_logprobs")
         return self._logprobs(contexts, targets, loss_mask, float(temperature), int(self.cfg.logprob_chunk))
 
     def _logprobs(
@@ -199,22 +190,9 @@ class Generator(nn.Module):
         all of them at once (score_pairs' computation, bit-identical to what it always was); else
         `_chunked_logprobs`. Charged once: padded rows, the head on the T target positions."""
         N, T = len(contexts), max(len(a) for a in targets)
-        seqs = [list(c) + list(a) for c, a in zip(contexts, targets)]
-        L = max(len(s) for s in seqs)
         dev = self.device
-        input_ids = torch.full((N, L), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((N, L), dtype=torch.long)
-        pos = torch.zeros((N, T), dtype=torch.long)  # position predicting target t
-        tgt = torch.full((N, T), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((N, T))
-        for i, (s, a) in enumerate(zip(seqs, targets)):
-            input_ids[i, : len(s)] = torch.tensor(s)
-            attn[i, : len(s)] = 1
-            start = len(contexts[i]) - 1
-            pos[i, : len(a)] = torch.arange(start, start + len(a))
-            pos[i, len(a) :] = start  # padding positions point at a valid place; masked below
-            tgt[i, : len(a)] = torch.tensor(a, dtype=torch.long)
-            mask[i, : len(a)] = 1.0 if loss_mask is None else torch.tensor(loss_mask[i], dtype=torch.float32)
+        input_ids, attn, pos, tgt, mask = pack_scored_rows(contexts, targets, loss_mask, self.pad_id)
+        L = input_ids.shape[1]
         input_ids, attn, pos = input_ids.to(dev), attn.to(dev), pos.to(dev)
         t0 = clock()
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable()):
@@ -658,6 +636,43 @@ def _without_model_generation_defaults(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         base.generation_config = saved
+
+
+def check_scored_rows(contexts, targets, loss_mask, what: str) -> None:
+    """The input contract of every per-target-position scorer (`token_logprobs`, a value head):
+    equal, non-empty lists, no empty context (nothing would precede the first target), one mask
+    value per target."""
+    N = len(contexts)
+    if N != len(targets) or N == 0 or (loss_mask is not None and len(loss_mask) != N):
+        raise ValueError(f"{what} needs equal, non-empty lists, got {N} contexts, {len(targets)} targets")
+    for i, c in enumerate(contexts):
+        if not c:
+            raise ValueError(f"{what}: context {i} is empty (nothing precedes its first target)")
+        if loss_mask is not None and len(loss_mask[i]) != len(targets[i]):
+            raise ValueError(f"{what}: row {i} has {len(targets[i])} targets, {len(loss_mask[i])} mask values")
+
+
+def pack_scored_rows(contexts, targets, loss_mask, pad_id: int):
+    """Right-padded rows context + target (CPU): input_ids, attn (N, L); pos (N, T), the position
+    whose state predicts target t (padding points at a valid place); tgt (N, T) the target ids
+    (pad_id beyond a row); mask (N, T) = loss_mask (1 where None) at real targets, else 0."""
+    N, T = len(contexts), max(len(a) for a in targets)
+    seqs = [list(c) + list(a) for c, a in zip(contexts, targets)]
+    L = max(len(s) for s in seqs)
+    input_ids = torch.full((N, L), pad_id, dtype=torch.long)
+    attn = torch.zeros((N, L), dtype=torch.long)
+    pos = torch.zeros((N, T), dtype=torch.long)
+    tgt = torch.full((N, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((N, T))
+    for i, (s, a) in enumerate(zip(seqs, targets)):
+        input_ids[i, : len(s)] = torch.tensor(s)
+        attn[i, : len(s)] = 1
+        start = len(contexts[i]) - 1
+        pos[i, : len(a)] = torch.arange(start, start + len(a))
+        pos[i, len(a) :] = start
+        tgt[i, : len(a)] = torch.tensor(a, dtype=torch.long)
+        mask[i, : len(a)] = 1.0 if loss_mask is None else torch.tensor(loss_mask[i], dtype=torch.float32)
+    return input_ids, attn, pos, tgt, mask
 
 
 def _eos_ids(tokenizer, extra: List[str]) -> frozenset:

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ragtune.flops import ModelShape
+from ragtune.generator import check_scored_rows, pack_scored_rows
 from ragtune.ledger import Ledger, clock
 
 
@@ -87,28 +88,10 @@ class ValueModel(nn.Module):
         """values (N, T) float32 = V(context + targets_<t) at every target position, and mask (N, T)
         = loss_mask (1 where None) x validity (0 at padding); values are exactly 0 (and get no
         gradient) where mask is 0. One batched forward, charged once."""
-        N = len(contexts)
-        if N != len(targets) or N == 0 or (loss_mask is not None and len(loss_mask) != N):
-            raise ValueError(f"values needs equal, non-empty lists, got {N} contexts, {len(targets)} targets")
-        for i, c in enumerate(contexts):
-            if not c:
-                raise ValueError(f"values: context {i} is empty (no state precedes its first target)")
-            if loss_mask is not None and len(loss_mask[i]) != len(targets[i]):
-                raise ValueError(f"values: row {i} has {len(targets[i])} targets, {len(loss_mask[i])} mask values")
-        T = max(len(a) for a in targets)
-        seqs = [list(c) + list(a) for c, a in zip(contexts, targets)]
-        L = max(len(s) for s in seqs)
-        input_ids = torch.full((N, L), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((N, L), dtype=torch.long)
-        pos = torch.zeros((N, T), dtype=torch.long)  # the position whose state chooses target t
-        mask = torch.zeros((N, T))
-        for i, (s, a) in enumerate(zip(seqs, targets)):
-            input_ids[i, : len(s)] = torch.tensor(s)
-            attn[i, : len(s)] = 1
-            start = len(contexts[i]) - 1
-            pos[i, : len(a)] = torch.arange(start, start + len(a))
-            pos[i, len(a) :] = start  # padding points at a valid place; masked below
-            mask[i, : len(a)] = 1.0 if loss_mask is None else torch.tensor(loss_mask[i], dtype=torch.float32)
+        check_scored_rows(contexts, targets, loss_mask, "values")
+        N, T = len(contexts), max(len(a) for a in targets)
+        input_ids, attn, pos, _, mask = pack_scored_rows(contexts, targets, loss_mask, self.pad_id)
+        L = input_ids.shape[1]
         dev = self.device
         input_ids, attn, pos, mask = input_ids.to(dev), attn.to(dev), pos.to(dev), mask.to(dev)
         t0 = clock()
