@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from ragtune.data.schema import ConcatTexts
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -89,7 +91,7 @@ def load_parts(a):
 
     cfg = load_config([str(ROOT / "configs" / "tiny.yaml")], overrides(a))
     data = load_data(cfg.data)
-    texts = [data.corpus.passage_text(p) for p in data.corpus] + [q.question for q in data.train]
+    texts = ConcatTexts(data.corpus.model_texts, [q.question for q in data.train])  # as run.build_pipeline
     retriever = build_retriever(cfg.retriever, texts, Ledger("bench"), cfg.train.seed, cfg.data.cache_dir)
     del texts
     final = torch.load(Path(a.out) / "run" / "final.pt", map_location="cpu", weights_only=False)
@@ -151,7 +153,7 @@ def bench_refresh(cfg, data, a):
     from ragtune.pipeline import RAGPipeline
     from ragtune.retriever import build_retriever
 
-    texts = [data.corpus.passage_text(p) for p in data.corpus] + [q.question for q in data.train]
+    texts = ConcatTexts(data.corpus.model_texts, [q.question for q in data.train])  # as run.build_pipeline
     ledger = Ledger("bench")
     retriever = build_retriever(cfg.retriever, texts, ledger, cfg.train.seed, cfg.data.cache_dir)
     del texts
@@ -194,7 +196,7 @@ def bench_minilm_sort(passes: int = 2):
 
     cfg = load_config([str(ROOT / "configs" / "default.yaml")], ["run_dir=/tmp/ragtune-bench-sort"])
     data = load_data(cfg.data)
-    texts = [data.corpus.passage_text(p) for p in data.corpus]
+    texts = data.corpus.model_texts
     r = build_retriever(cfg.retriever, texts, Ledger("bench"), cfg.train.seed)
     tok = r.passage_tokens(texts)
     bs, lens, n = cfg.index.batch_size, tok.lengths, len(texts)

@@ -175,6 +175,9 @@ class RetrieverConfig:
     max_passage_length: int = positive(64)
     query_prefix: str = ""  # prepended to every query text (e5: "query: ", bge: an instruction)
     passage_prefix: str = ""  # prepended to every passage text (e5: "passage: ")
+    # both towers are loaded in this dtype; a tower a phase trains is kept in float32 (master
+    # weights); embeddings are pooled, normalised and scored in float32 whatever the compute dtype
+    dtype: str = choice("float32", "float32", "bfloat16", "float16")
     tiny: TinyModel = field(default_factory=TinyModel)
 
 
@@ -196,6 +199,10 @@ class IndexConfig:
     recall_queries: int = nonneg(256)  # an approximate index is checked against exact on this many passages
     recall_k: int = positive(10)
     use_gpu: bool = True  # faiss-gpu only when usable (ragtune.index.faiss_gpu_status); else torch on the GPU
+    # the index's search copy on the GPU: its dtype, and the most of the GPU's free memory it may
+    # take (more: searched on CPU, with a warning); ragtune/index.py
+    device_dtype: str = choice("float32", "float32", "float16", "bfloat16")
+    gpu_memory_fraction: float = positive(0.5)
     batch_size: int = 256
     sort_by_length: bool = True  # embed the corpus in length-sorted batches (less padding; equal up to rounding)
     cache_initial: bool = True  # embed the corpus once per passage tower (ragtune.index_cache); charged every run

@@ -42,6 +42,7 @@ from ragtune import prompts as prompting
 from ragtune.config import ConfigError
 from ragtune.flops import ModelShape
 from ragtune.ledger import Ledger, clock
+from ragtune.precision import DTYPES
 
 
 @dataclass
@@ -689,9 +690,6 @@ def _eos_ids(tokenizer, extra: List[str]) -> frozenset:
     return frozenset(ids)
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def float32_(params: Sequence[nn.Parameter]) -> int:
     """Master weights: cast each of `params` (parameters training may update) to float32 in place
     (the Parameter objects stay the same), the frozen rest staying in its loaded dtype: AdamW on
@@ -705,9 +703,13 @@ def float32_(params: Sequence[nn.Parameter]) -> int:
     return n
 
 
-def build_generator(cfg, texts: List[str], ledger: Ledger, seed: int, cache_dir: str = "") -> Generator:
+def build_generator(
+    cfg, texts: List[str], ledger: Ledger, seed: int, cache_dir: str = "", master_weights: bool = True
+) -> Generator:
     """Build from `cfg.generator`: tiny (optionally LM-pretrained on `texts`, cached) or HF name/path,
-    in `cfg.dtype` with float32 master weights for what training may update."""
+    in `cfg.dtype`, with float32 master weights for what training may update (`master_weights`;
+    `run.build_pipeline` passes False: there `setup_strategy` casts exactly what the run trains, so
+    a generator no phase trains stays in its loaded dtype)."""
     from ragtune import modelzoo
     from ragtune.pretrain import pretrained_tiny_generator
 
@@ -715,7 +717,7 @@ def build_generator(cfg, texts: List[str], ledger: Ledger, seed: int, cache_dir:
         if cfg.pretrain.steps > 0:
             model, tok = pretrained_tiny_generator(cfg, texts, cache_dir)
         else:
-            tok = modelzoo.train_bpe(texts, cfg.tiny.vocab_size)
+            tok = modelzoo.cached_tokenizer("bpe", texts, cfg.tiny.vocab_size, cache_dir)
             model = modelzoo.tiny_decoder(cfg.tiny, tok, seed)
     else:
         model, tok = modelzoo.load_hf(cfg.model, "generator.model", causal=True, dtype=DTYPES[cfg.dtype])
@@ -733,5 +735,6 @@ def build_generator(cfg, texts: List[str], ledger: Ledger, seed: int, cache_dir:
             ),
         )
     gen = Generator(model, tok, cfg, ledger)
-    float32_(gen.trainable_parameters())
+    if master_weights:
+        float32_(gen.trainable_parameters())
     return gen

@@ -13,8 +13,13 @@ the k - 1 neighbours after itself, plus itself"), searched both ways; the result
 (printed, and written to result.json's `index` by the run). The check is a diagnostic and is
 not charged to the ledger (like the gradient-variance diagnostic).
 
-GPU: queries on a CUDA device are searched there. Exact search copies the embeddings to the
-device once per build. faiss-gpu is used only when `faiss.get_num_gpus() > 0` (the GPU wheel
+GPU: queries on a CUDA device are searched there when the index fits: exact search copies the
+embeddings to the device once per build, in `index.device_dtype` (float32, or float16/bfloat16 for
+half the memory: scores in that dtype, so the top-k may differ from float32's at near ties), if that
+copy needs at most `index.gpu_memory_fraction` of the GPU's free memory; otherwise the index is
+searched on CPU (as planned for CPU queries: `auto` may pick IVF there), with a warning. `lookup`
+gathers rows on the GPU from a float32 copy, else on CPU and moves only those rows: the scores that
+carry gradient always see float32 embeddings. faiss-gpu is used only when `faiss.get_num_gpus() > 0` (the GPU wheel
 imports on machines without a GPU and then silently returns empty indexes), the GPU's compute
 capability is one the installed wheel was built for (`_WHEEL_ARCHS`) and a probe search on the
 GPU returns what faiss on CPU returns; otherwise search falls back to exact torch search on the
@@ -23,16 +28,16 @@ built for compute capability 7.0-8.9 from 1.9 on (Volta to Ada), so on an H100/H
 not used; `faiss-gpu-cu12-cuvs` (sm_75/80/86/90) covers Hopper. `auto` searches exactly on a GPU:
 one (B, N) matmul per batch there (1M x 384 float32 is 1.5 GB of GPU memory; not measured here).
 
-The embeddings (N, H) are kept on CPU in every case: strategies score arbitrary candidate rows
+The float32 embeddings (N, H) are also kept on CPU in every case: strategies score arbitrary candidate rows
 against them, and `state_dict()` saves them, or with a store (`ragtune.index_store`) a reference
 to the store's one copy, keyed by the passage-encoder state that built them (`key`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-import time
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional, Tuple
@@ -40,6 +45,8 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from ragtune.index_store import IndexRef, IndexStore, MissingIndexEntry, digest_of
+from ragtune.ledger import clock
+from ragtune.precision import DTYPES, fp32
 
 APPROXIMATE = ("faiss_ivf", "faiss_hnsw")
 
@@ -126,9 +133,34 @@ def faiss_gpu_status() -> Tuple[bool, str]:
     return True, f"{dist or 'faiss'} {version} on compute capability {cap[0]}.{cap[1]}"
 
 
-def plan_search(cfg, n: int, device_type: str, gpu_status: Callable[[], Tuple[bool, str]] = None) -> SearchPlan:
-    """The `SearchPlan` for `cfg.backend` over `n` passages with queries on `device_type`."""
+def device_bytes(cfg, n: int, dim: int) -> int:
+    """Bytes of the (N, H) search copy on the GPU (`index.device_dtype`)."""
+    return n * dim * torch.empty((), dtype=DTYPES[cfg.device_dtype]).element_size()
+
+
+def plan_search(
+    cfg,
+    n: int,
+    device_type: str,
+    gpu_status: Callable[[], Tuple[bool, str]] = None,
+    dim: int = 0,
+    free_bytes: Optional[int] = None,
+) -> SearchPlan:
+    """The `SearchPlan` for `cfg.backend` over `n` passages of `dim` with queries on `device_type`.
+    On a GPU with `free_bytes` free, an index whose search copy needs more than
+    `index.gpu_memory_fraction` of it is searched on CPU instead (planned as for CPU queries), with
+    a warning: the embeddings live where search runs, and a GPU has to hold the models too."""
     gpu_status = gpu_status or faiss_gpu_status
+    if device_type == "cuda" and free_bytes is not None and dim:
+        need = device_bytes(cfg, n, dim)
+        if need > cfg.gpu_memory_fraction * free_bytes:
+            why = (
+                f"the index ({need / 2**30:.2f} GiB in {cfg.device_dtype}) exceeds index.gpu_memory_fraction="
+                f"{cfg.gpu_memory_fraction} of the GPU's free {free_bytes / 2**30:.2f} GiB"
+            )
+            warnings.warn(f"{why}: searched on CPU (index.device_dtype=float16 halves it)", stacklevel=3)
+            plan = plan_search(cfg, n, "cpu", gpu_status)
+            return dataclasses.replace(plan, reason=f"{why}; on CPU: {plan.reason}")
     backend, reason = cfg.backend, "index.backend"
     on_gpu = device_type == "cuda"
     if backend == "auto":
@@ -183,6 +215,7 @@ class DenseIndex:
         self.on_missing: Optional[Callable[[dict], bool]] = None
         self._faiss = None
         self._emb_dev: Optional[torch.Tensor] = None  # emb on the search device (GPU exact search)
+        self._planned_for: Optional[str] = None  # the query device type `plan` was made for
         self._pins: dict = {}  # referrer path -> key it was last given
 
     def build(self, emb: torch.Tensor, key: Optional[str] = None, batch_size: Optional[int] = None) -> None:
@@ -191,7 +224,7 @@ class DenseIndex:
         self.emb = emb.detach().float().cpu().contiguous()
         self.version += 1
         self.key, self.batch_size, self.digest = key, batch_size, None
-        self.plan, self.info, self._faiss, self._emb_dev = None, {}, None, None
+        self.plan, self.info, self._faiss, self._emb_dev, self._planned_for = None, {}, None, None, None
 
     def __len__(self) -> int:
         return 0 if self.emb is None else self.emb.shape[0]
@@ -202,15 +235,23 @@ class DenseIndex:
         the trainer puts the pipeline) and, for an approximate one, measure its recall."""
         if self.emb is None:
             raise RuntimeError("index searched before it was built")
-        dtype = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-        if self.plan is not None and self.plan.device == dtype:
+        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.plan is not None and self._planned_for == device.type:
             return self.plan
-        t0 = time.perf_counter()
-        plan = plan_search(self.cfg, len(self), dtype)
+        t0 = clock()
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+        plan = plan_search(self.cfg, len(self), device.type, dim=self.emb.shape[1], free_bytes=free)
         self._faiss = self._build_faiss(plan) if plan.where != "torch" else None
-        self._emb_dev = self.emb.to(device or "cuda") if plan.where == "torch" and dtype == "cuda" else None
-        self.plan = plan
-        self.info = {**asdict(plan), "backend_config": self.cfg.backend, "build_seconds": time.perf_counter() - t0}
+        self._emb_dev = None
+        if plan.where == "torch" and plan.device == "cuda":  # exact search on the GPU: one copy, made once
+            self._emb_dev = self.emb.to(device, DTYPES[self.cfg.device_dtype])
+        self.plan, self._planned_for = plan, device.type
+        self.info = {
+            **asdict(plan),
+            "backend_config": self.cfg.backend,
+            "device_dtype": self.cfg.device_dtype if self._emb_dev is not None else "float32",
+            "build_seconds": clock() - t0,
+        }
         if plan.approximate and self.cfg.recall_queries > 0:
             self.info.update(self.measure_recall(self.cfg.recall_queries, self.cfg.recall_k))
             print(
@@ -230,8 +271,8 @@ class DenseIndex:
         plan = self.prepare(q.device)
         if plan.where == "torch":
             if self._emb_dev is not None and self._emb_dev.device != q.device:  # another GPU (a rank's)
-                self._emb_dev = self.emb.to(q.device)
-            emb = self._emb_dev if self._emb_dev is not None else self.emb
+                self._emb_dev = self.emb.to(q.device, self._emb_dev.dtype)
+            emb = self._emb_dev if self._emb_dev is not None else self.emb  # on the GPU, or on CPU
             scores, rows = self._exact(q.to(emb.device), k, emb)
             return scores.to(q.device), rows.to(q.device)
         scores, rows = self._faiss.search(q.cpu().numpy(), k)
@@ -244,10 +285,14 @@ class DenseIndex:
 
     @staticmethod
     def _exact(q: torch.Tensor, k: int, emb: torch.Tensor, chunk: int = 64) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Brute force, `chunk` queries at a time so the (chunk, N) score matrix stays bounded."""
-        if q.shape[0] <= chunk:
-            return (q @ emb.T).topk(k, dim=-1)  # (B, N) -> (B, k)
-        parts = [(q[i : i + chunk] @ emb.T).topk(k, dim=-1) for i in range(0, q.shape[0], chunk)]
+        """Brute force, `chunk` queries at a time so the (chunk, N) score matrix stays bounded; in
+        the embeddings' dtype (float32, or `index.device_dtype` on the GPU), never lowered by an
+        autocast region around the search (`ragtune.precision.fp32`)."""
+        with fp32(q):
+            q = q.to(emb.dtype)
+            if q.shape[0] <= chunk:
+                return (q @ emb.T).float().topk(k, dim=-1)  # (B, N) -> (B, k)
+            parts = [(q[i : i + chunk] @ emb.T).float().topk(k, dim=-1) for i in range(0, q.shape[0], chunk)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def measure_recall(self, n_queries: int, k: int) -> dict:
@@ -257,13 +302,13 @@ class DenseIndex:
         k = min(k, n)
         g = torch.Generator().manual_seed(0)
         rows = torch.randperm(n, generator=g)[: min(n_queries, n)]
-        q = self.emb[rows].to(self.plan.device if self.plan is not None else "cpu")  # (S, H)
-        t0 = time.perf_counter()
+        q = self.emb[rows].to(self._planned_for or "cpu")  # (S, H), where the plan's queries come from
+        t0 = clock()
         want = self._exact(q.cpu(), k, self.emb)[1]  # (S, k)
-        exact_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        exact_s = clock() - t0
+        t0 = clock()
         got = self.search(q, k)[1].cpu()  # (S, k)
-        approx_s = time.perf_counter() - t0
+        approx_s = clock() - t0
         hits = sum(len(set(a) & set(b)) for a, b in zip(got.tolist(), want.tolist()))
         return {
             "recall": hits / want.numel(),
@@ -274,9 +319,12 @@ class DenseIndex:
         }
 
     def lookup(self, rows: torch.Tensor) -> torch.Tensor:
-        """rows (...) -> stored embeddings (..., H), on rows' device (gathered where they are)."""
-        if self._emb_dev is not None and self._emb_dev.device == rows.device:
-            return self._emb_dev[rows]
+        """rows (...) -> stored float32 embeddings (..., H) on rows' device: gathered from the GPU
+        copy when it is float32 and there, else gathered on CPU and only those rows moved (never
+        the whole matrix; a float16 search copy is not used for the scores that carry gradient)."""
+        dev = self._emb_dev
+        if dev is not None and dev.device == rows.device and dev.dtype == torch.float32:
+            return dev[rows]
         return self.emb[rows.cpu()].to(rows.device)
 
     def _build_faiss(self, plan: SearchPlan):

@@ -55,6 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ragtune.precision import fp32, upcast
+
 __all__ = [
     "REDUCTIONS",
     "seq_logprob",
@@ -257,15 +259,18 @@ def contrastive_loss(
 
     Returns a scalar (mean over the batch).
     """
-    logits = q @ d.T  # (B, N)
-    if hard_negatives is not None:
-        if hard_negatives.dim() == 2:
-            extra = q @ hard_negatives.T  # (B, M)
-        elif hard_negatives.dim() == 3:
-            extra = torch.einsum("bh,bmh->bm", q, hard_negatives)  # (B, M)
-        else:
-            raise ValueError(f"hard_negatives must be (M,H) or (B,M,H), got {tuple(hard_negatives.shape)}")
-        logits = torch.cat([logits, extra], dim=1)  # (B, N+M)
+    with fp32(q):  # scores in float32 under autocast too (ragtune.precision)
+        q, d = upcast(q), upcast(d)
+        logits = q @ d.T  # (B, N)
+        if hard_negatives is not None:
+            hard_negatives = upcast(hard_negatives)
+            if hard_negatives.dim() == 2:
+                extra = q @ hard_negatives.T  # (B, M)
+            elif hard_negatives.dim() == 3:
+                extra = torch.einsum("bh,bmh->bm", q, hard_negatives)  # (B, M)
+            else:
+                raise ValueError(f"hard_negatives must be (M,H) or (B,M,H), got {tuple(hard_negatives.shape)}")
+            logits = torch.cat([logits, extra], dim=1)  # (B, N+M)
     logits = logits / temperature
     positives = positives.to(torch.long)
     if mask_out is not None:

@@ -9,9 +9,11 @@ and a BERT / Llama model is built from config with a fixed seed.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Sequence
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: F401
@@ -106,6 +108,30 @@ def train_bpe(texts: List[str], vocab_size: int) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", padding_side="right"
     )
+
+
+def cached_tokenizer(kind: str, texts: Sequence[str], vocab_size: int, cache_dir: str = ""):
+    """`train_wordpiece` (kind "wordpiece", the tiny encoder's) or `train_bpe` ("bpe", the tiny
+    decoder's) on `texts`, saved under `<cache_dir>/tokenizers/<key>` (key: kind, vocabulary size
+    and the texts' fingerprint) and loaded from there next time: on a 1M-passage corpus training
+    a tokenizer takes longer than a whole refresh. Both trainers are deterministic, so a cached
+    tokenizer is the one training would give. No `cache_dir`: trained every time."""
+    train = {"wordpiece": train_wordpiece, "bpe": train_bpe}[kind]
+    if not cache_dir:
+        return train(texts, vocab_size)
+    spec = {"kind": kind, "version": 1, "vocab": int(vocab_size), "texts": texts_fingerprint(texts)}
+    folder = Path(cache_dir).expanduser() / "tokenizers" / hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
+    if (folder / "done").exists():
+        return PreTrainedTokenizerFast.from_pretrained(folder)
+    tok = train(texts, vocab_size)
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")  # written whole, then renamed: a kill leaves no half
+    tok.save_pretrained(tmp)
+    (tmp / "done").write_text("ok\n")
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process cached it first (theirs is the same tokenizer), or a stale folder
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tok
 
 
 def tiny_encoder(tcfg, tokenizer, seed: int) -> BertModel:

@@ -60,7 +60,7 @@ class RAGPipeline(nn.Module):
         self.index = index
         self.corpus = corpus
         self.ledger = ledger
-        self.passage_texts = [corpus.passage_text(p) for p in corpus]
+        self.passage_texts = corpus.model_texts  # (N,) made on access: the corpus holds the one copy
         index.on_missing = self._rebuild_missing_index
         self.doc_trained = False  # set by the trainer: passage tower receives gradients this phase
 
@@ -80,8 +80,11 @@ class RAGPipeline(nn.Module):
         for part in self.strategy.parts():
             if not part.trainable:
                 self.strategy.part_module(part.name).requires_grad_(False)
-        # a part copied from a bf16-loaded model (e.g. a critic's trunk) trains in float32 too
-        float32_([p for params in self.component_params().values() for p in params])
+        # master weights: every parameter a phase trains is float32 (a bf16-loaded tower, the
+        # generator or a part copied from it, e.g. a critic's trunk); what no phase trains stays
+        # in its loaded dtype (a frozen bf16 passage tower embeds the corpus at half the memory)
+        trained = set(self.strategy.trained_components())
+        float32_([p for comp, params in self.component_params().items() if comp in trained for p in params])
 
     def component_modules(self) -> Dict[str, nn.Module]:
         mods = {

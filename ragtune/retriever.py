@@ -16,18 +16,15 @@ Corpus token ids are cached (`corpus_tokens`): a corpus is tokenised once per (t
 max length, prefix) into one flat id array (about 2 bytes per token for vocabularies under 65,536),
 and `encode_tokens` embeds any rows of it padded exactly as the tokenizer pads a batch, so index
 refreshes and passage re-encodings never tokenise again (with the tiny encoder tokenisation was
-59% of a refresh). The tiny encoder's WordPiece vocabulary is cached on disk like the generator's
-(`<data.cache_dir>/retrievers/<key>`): training it on a 1M-passage corpus takes longer than
-embedding it.
+59% of a refresh). The tiny encoder's WordPiece vocabulary is cached on disk
+(`modelzoo.cached_tokenizer`, `<data.cache_dir>/tokenizers/<key>`): training it on a 1M-passage
+corpus takes longer than embedding it.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -38,6 +35,7 @@ from torch import nn
 from ragtune import modelzoo
 from ragtune.flops import ModelShape
 from ragtune.ledger import Ledger, clock
+from ragtune.precision import DTYPES, fp32, upcast
 
 
 @dataclass
@@ -75,13 +73,16 @@ class CorpusTokens:
         return out
 
 
-def tokenize_corpus(tokenizer, texts: Sequence[str], max_length: int, chunk: int = 4096) -> CorpusTokens:
-    """Tokenise `texts` once, `chunk` at a time (bounded Python-object memory), into flat ids."""
+def tokenize_corpus(
+    tokenizer, texts: Sequence[str], max_length: int, chunk: int = 4096, prefix: str = ""
+) -> CorpusTokens:
+    """Tokenise `prefix + text` for each of `texts` once, `chunk` at a time (bounded Python-object
+    memory: no prefixed copy of the corpus), into flat ids."""
     dtype = np.uint16 if len(tokenizer) <= 2**16 else np.int32
     parts, lens = [], []
     for i in range(0, len(texts), chunk):
         enc = tokenizer(
-            list(texts[i : i + chunk]),
+            [prefix + t for t in texts[i : i + chunk]],
             truncation=True,
             max_length=max_length,
             return_attention_mask=False,
@@ -141,8 +142,7 @@ class DualEncoder(nn.Module):
         key = (id(self.tokenizer), id(texts), len(texts), int(max_length), prefix)
         hit = self._token_cache.get(key)
         if hit is None:
-            prefixed = [prefix + t for t in texts] if prefix else texts
-            hit = (self.tokenizer, texts, tokenize_corpus(self.tokenizer, prefixed, max_length))
+            hit = (self.tokenizer, texts, tokenize_corpus(self.tokenizer, texts, max_length, prefix=prefix))
             self._token_cache = {key: hit}  # one corpus at a time: a stale entry is memory, not speed
         return hit[2]
 
@@ -151,8 +151,10 @@ class DualEncoder(nn.Module):
         return self.corpus_tokens(texts, self.cfg.max_passage_length, self.cfg.passage_prefix)
 
     def score(self, q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        """q (B, H), d (B, K, H) -> (B, K) temperature-scaled scores."""
-        return torch.einsum("bh,bkh->bk", q, d) / self.temperature
+        """q (B, H), d (B, K, H) -> (B, K) temperature-scaled scores, in float32 under autocast too
+        (`ragtune.precision.fp32`: a bf16 score s/tau resolves 0.125 near 20)."""
+        with fp32(q):
+            return torch.einsum("bh,bkh->bk", upcast(q), upcast(d)) / self.temperature
 
     def encode(
         self, texts: List[str], tower: nn.Module, component: str, max_length: int, activity: Optional[str] = None
@@ -175,6 +177,7 @@ class DualEncoder(nn.Module):
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in tower.parameters())
         with torch.set_grad_enabled(grad):
             hidden = tower(**enc).last_hidden_state  # (N, L, H)
+        hidden = hidden.float()  # pooled and normalised in float32 whatever the compute dtype
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (N, L, 1)
         if self.cfg.pooling == "mean":
             emb = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (N, H)
@@ -196,36 +199,22 @@ class DualEncoder(nn.Module):
         return emb.float()
 
 
-def cached_wordpiece(texts: List[str], vocab_size: int, cache_dir: str = ""):
-    """`modelzoo.train_wordpiece(texts, vocab_size)`, saved under `<cache_dir>/retrievers/<key>`
-    (key: the texts' fingerprint and the vocabulary size) and loaded from there next time."""
-    if not cache_dir:
-        return modelzoo.train_wordpiece(texts, vocab_size)
-    from transformers import PreTrainedTokenizerFast
-
-    spec = {"kind": "wordpiece", "version": 1, "vocab": int(vocab_size), "texts": modelzoo.texts_fingerprint(texts)}
-    folder = Path(cache_dir).expanduser() / "retrievers" / hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
-    if (folder / "done").exists():
-        return PreTrainedTokenizerFast.from_pretrained(folder)
-    tok = modelzoo.train_wordpiece(texts, vocab_size)
-    folder.mkdir(parents=True, exist_ok=True)
-    tok.save_pretrained(folder)
-    (folder / "done").write_text("ok\n")
-    return tok
-
-
 def build_retriever(cfg, texts: List[str], ledger: Ledger, seed: int, cache_dir: str = "") -> DualEncoder:
     """Build from `cfg.retriever`: tiny (tokenizer trained on `texts`, cached under `cache_dir`
-    when given), minilm (bundled) or HF name/path."""
+    when given), minilm (bundled) or HF name/path, both towers in `cfg.dtype` (the trained ones
+    become float32 master weights in `RAGPipeline.setup_strategy`; a frozen passage tower can
+    embed the corpus in bf16)."""
     name = cfg.model
     if name == "auto":
         name = "minilm" if modelzoo.minilm_available() else "tiny"
         print(f"retriever.model=auto -> {name}", flush=True)
+    dtype = DTYPES[cfg.dtype]
     if name == "tiny":
-        tok = cached_wordpiece(texts, cfg.tiny.vocab_size, cache_dir)
+        tok = modelzoo.cached_tokenizer("wordpiece", texts, cfg.tiny.vocab_size, cache_dir)
         enc = modelzoo.tiny_encoder(cfg.tiny, tok, seed)
     else:
         path = str(modelzoo.minilm_path()) if name == "minilm" else name
-        enc, tok = modelzoo.load_hf(path, "retriever.model", causal=False)
+        enc, tok = modelzoo.load_hf(path, "retriever.model", causal=False, dtype=dtype)
+    enc = enc.to(dtype)  # a tower a phase trains is cast to float32 by RAGPipeline.setup_strategy
     doc = enc if cfg.shared_towers else copy.deepcopy(enc)
     return DualEncoder(enc, doc, tok, cfg, ledger)

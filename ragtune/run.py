@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from ragtune import rundir
+from ragtune import precision, rundir
 from ragtune.checkpoint import load_weights, merged_extra_state, trained_weights
 from ragtune.config import ConfigError, save_config, strategy_options
 from ragtune.data import RAGData, load_hf, load_passages, load_questions, load_synth
-from ragtune.data.schema import DataError
+from ragtune.data.schema import ConcatTexts, DataError
 from ragtune.data.synth import SynthConfig
 from ragtune.data.validate import split_overlap
 from ragtune.distributed import wait_for_main
@@ -90,9 +90,13 @@ def _collect(problems: list, load, *args, **kw):
         return None
 
 
-def build_pipeline(cfg, data: RAGData, ledger: Ledger, final: Optional[dict] = None) -> RAGPipeline:
-    """The pipeline of `cfg`; with `final` (or `train.init_from`) its trained weights and index are
-    loaded instead of embedding the corpus again."""
+def build_pipeline(
+    cfg, data: RAGData, ledger: Ledger, final: Optional[dict] = None, device: Optional[torch.device] = None
+) -> RAGPipeline:
+    """The pipeline of `cfg` on `device` (default CPU); with `final` (or `train.init_from`) its
+    trained weights and index are loaded instead of embedding the corpus again. The models are on
+    `device` before the corpus is embedded, so the initial index is computed there (a GPU run
+    embeds on the GPU, in the passage tower's dtype)."""
     cls = get_strategy(cfg.strategy.name)
     opts = strategy_options(cfg, cls.Options)
     for key in ("train.k", "eval.k", *(f"eval.recall_k[{i}]" for i in range(len(cfg.eval.recall_k)))):
@@ -105,15 +109,16 @@ def build_pipeline(cfg, data: RAGData, ledger: Ledger, final: Optional[dict] = N
             f"config key 'strategy.name': '{cls.name}' needs gold_passage_ids on every training "
             f"question; {len(unlabeled)} have none (e.g. {unlabeled[0]!r})"
         )
-    texts = [data.corpus.passage_text(p) for p in data.corpus] + [q.question for q in data.train]
+    passages = data.corpus.model_texts  # read from the corpus's passages, never copied (schema.PassageTexts)
     seed = cfg.train.seed
+    texts = ConcatTexts(passages, [q.question for q in data.train])  # the tiny encoder's tokenizer reads both
     retriever = build_retriever(cfg.retriever, texts, ledger, seed, cfg.data.cache_dir)
-    generator = build_generator(
-        cfg.generator, [data.corpus.passage_text(p) for p in data.corpus], ledger, seed + 1, cfg.data.cache_dir
-    )
+    generator = build_generator(cfg.generator, passages, ledger, seed + 1, cfg.data.cache_dir, master_weights=False)
     rag = RAGPipeline(retriever, generator, DenseIndex(cfg.index, store_of(cfg)), data.corpus, ledger, cls(opts))
     torch.manual_seed(seed + 2)
-    rag.setup_strategy()  # owned parts exist before any weights are loaded into them
+    rag.setup_strategy()  # owned parts exist before any weights are loaded into them; float32 master weights
+    if device is not None:
+        rag.to(device)
     if final is None and cfg.train.init_from:
         final = read_final(cfg.train.init_from, "train.init_from")
     if final is not None:
@@ -169,7 +174,7 @@ def _train(cfg, run_dir: Path) -> Dict[str, object]:
     ledger = Ledger(device_name(acc.device))
     data = load_data(cfg.data)
     parent = read_final(cfg.train.init_from, "train.init_from") if cfg.train.init_from else None
-    rag = build_pipeline(cfg, data, ledger, parent).to(acc.device)
+    rag = build_pipeline(cfg, data, ledger, parent, acc.device)
     if not acc.is_main_process:  # every rank built the same pipeline (initial index too): charged once, on rank 0
         ledger.load_state_dict(Ledger(ledger.device_name).state_dict())
     result: Dict[str, object] = {
@@ -219,8 +224,10 @@ def _train(cfg, run_dir: Path) -> Dict[str, object]:
 def evaluate_splits(cfg, rag: RAGPipeline, data: RAGData, run_dir: Path, step: int = 0) -> Dict[str, object]:
     """Score each configured split; per-question predictions go to the run directory (rundir)."""
     ec, out = cfg.eval, {}
+    device = rag.generator.device
     for split in ec.splits:
-        with rag.ledger.wall("eval"):
+        # on the pipeline's device, under the training precision (what the trainer's dev evaluation uses)
+        with rag.ledger.wall("eval"), precision.compute(cfg.train.precision, device):
             res = evaluate(
                 rag,
                 getattr(data, split),
@@ -245,10 +252,11 @@ def eval_run(run_dir: Path, overrides: Sequence[str] = ()) -> Dict[str, object]:
     run_dir = Path(run_dir)
     cfg = load_config([str(rundir.config_path(run_dir))], [f"run_dir={run_dir}", "train.init_from=''", *overrides])
     seed_everything(cfg.train.seed, cfg.train.threads)
-    ledger = Ledger(device_name("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the accelerator, as training
+    ledger = Ledger(device_name(device))
     final = read_final(run_dir)
     data = load_data(cfg.data)
-    rag = build_pipeline(cfg, data, ledger, final)
+    rag = build_pipeline(cfg, data, ledger, final, device)
     scores = evaluate_splits(cfg, rag, data, run_dir)
     rundir.write_scores(run_dir, scores)
     return scores

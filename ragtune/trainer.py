@@ -548,7 +548,7 @@ class Trainer:
         with self.dist.gathered():
             if self.acc.is_main_process:
                 ec = self.cfg.eval
-                with self.rag.ledger.wall("eval"):
+                with self.rag.ledger.wall("eval"), self.acc.autocast():  # under the training precision
                     res = evaluate(
                         self.rag,
                         self.dev_qs,

@@ -147,6 +147,62 @@ class Corpus:
         ps = self.passages if rows is None else (self.passages[r] for r in rows)
         return [passage_text(p) for p in ps]
 
+    @property
+    def model_texts(self) -> PassageTexts:
+        """Every passage's model-facing string as one read-only sequence, made on access: the
+        pipeline, the tokenizers and the caches read passage text through it, so the corpus's
+        passages are the only copy of the text in memory (a 1M-passage wiki corpus is ~0.6 GB of
+        text; a list of joined strings would double it). The same object every time (the retriever's
+        token cache is keyed by it)."""
+        view = self.__dict__.get("_model_texts")
+        if view is None:
+            view = self.__dict__["_model_texts"] = PassageTexts(self.passages)
+        return view
+
+
+class PassageTexts(Sequence[str]):
+    """`passage_text` of each of `passages`, computed when read (no stored copy)."""
+
+    def __init__(self, passages: Sequence[Passage]):
+        self._passages = passages
+
+    def __len__(self) -> int:
+        return len(self._passages)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [passage_text(p) for p in self._passages[i]]
+        return passage_text(self._passages[i])
+
+    def __iter__(self) -> Iterator[str]:
+        return (passage_text(p) for p in self._passages)
+
+
+class ConcatTexts(Sequence[str]):
+    """Several text sequences read as one (the tokenizer's training texts: passages + questions),
+    without copying them into a list."""
+
+    def __init__(self, *parts: Sequence[str]):
+        self._parts = parts
+        self._n = sum(len(p) for p in parts)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._n))]
+        if i < 0:
+            i += self._n
+        for part in self._parts:
+            if 0 <= i < len(part):
+                return part[i]
+            i -= len(part)
+        raise IndexError(i)
+
+    def __iter__(self) -> Iterator[str]:
+        return (t for part in self._parts for t in part)
+
 
 @dataclass
 class RAGData:

@@ -120,7 +120,7 @@ def test_tiny_retriever_tokenizer_is_cached_on_disk(tmp_path, monkeypatch):
     rc = OmegaConf.structured(RetrieverConfig(model="tiny"))
     rc.tiny.vocab_size = 120
     a = build_retriever(rc, texts, Ledger("t"), 0, str(tmp_path))
-    assert list((tmp_path / "retrievers").glob("*/done"))
+    assert list((tmp_path / "tokenizers").glob("*/done"))
     monkeypatch.setattr(modelzoo, "train_wordpiece", lambda *a, **k: pytest.fail("tokenizer trained again"))
     b = build_retriever(rc, texts, Ledger("t"), 0, str(tmp_path))
     assert b.tokenizer.get_vocab() == a.tokenizer.get_vocab()
@@ -129,6 +129,25 @@ def test_tiny_retriever_tokenizer_is_cached_on_disk(tmp_path, monkeypatch):
     assert enc_a.keys() == enc_b.keys() and all(torch.equal(enc_a[k], enc_b[k]) for k in enc_a)
     sa, sb = a.doc_encoder.state_dict(), b.doc_encoder.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)  # the same encoder (same vocabulary size, seed)
+
+
+def test_tiny_generator_tokenizer_is_cached_on_disk_without_pretraining(tmp_path, monkeypatch):
+    from ragtune.config import GeneratorConfig
+    from ragtune.generator import build_generator
+    from ragtune.ledger import Ledger
+
+    texts = ["Ann was born in Oslo.", "Bob works for Acme.", "Carol founded Initech in 1999."] * 10
+    gc = OmegaConf.structured(GeneratorConfig(model="tiny"))
+    gc.tiny.vocab_size, gc.tiny.hidden, gc.tiny.heads = 300, 32, 2
+    a = build_generator(gc, texts, Ledger("t"), 0, str(tmp_path))
+    assert len(list((tmp_path / "tokenizers").glob("*/done"))) == 1
+    monkeypatch.setattr(modelzoo, "train_bpe", lambda *a, **k: pytest.fail("tokenizer trained again"))
+    b = build_generator(gc, texts, Ledger("t"), 0, str(tmp_path))
+    assert b.tokenizer.get_vocab() == a.tokenizer.get_vocab()
+    assert b.tokenizer(texts[:3])["input_ids"] == a.tokenizer(texts[:3])["input_ids"]
+    assert (b.eos_id, b.pad_id) == (a.eos_id, a.pad_id)
+    with pytest.raises(pytest.fail.Exception, match="trained again"):  # other texts: another key, trained
+        build_generator(gc, texts[:5], Ledger("t"), 0, str(tmp_path))
 
 
 # --------------------------------------------------------------------------- auto backend
