@@ -342,6 +342,7 @@ class DeepSpeed(Local):
         self.stage = int(acc.state.deepspeed_plugin.deepspeed_config["zero_optimization"]["stage"])
         self._attrs: tuple = ({}, {})
         self._groups: List[Tuple[str, List[nn.Parameter]]] = []
+        self._dtypes: List[Tuple[nn.Parameter, torch.dtype]] = []  # each parameter's dtype before prepare
 
     def prepare(self, phase, opt, settings):
         module = PhaseModule(self.rag, phase.trains)
@@ -356,6 +357,7 @@ class DeepSpeed(Local):
         cfg.update(want)  # deepspeed_config() checked they were "auto"
         self._groups = [(g["name"], list(g["params"])) for g in opt.param_groups]
         self._attrs = _attr_snapshot(module)
+        self._dtypes = [(p, p.dtype) for p in module.parameters()]  # DeepSpeed bf16 casts the module
         self.engine, dopt = self.acc.prepare(module, opt)
         return self.engine, dopt
 
@@ -433,6 +435,8 @@ class DeepSpeed(Local):
         first), with every attribute DeepSpeed added to them and their modules removed."""
         if self.engine is None:
             return
+        from deepspeed.utils import safe_get_full_fp32_param
+
         module = self.engine.module
         params = list(module.parameters())
         full = None
@@ -441,13 +445,22 @@ class DeepSpeed(Local):
 
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 full = [p.data.clone() for p in params]
+        # the optimizer's float32 master weights (bf16 engines train a bf16 copy of the module):
+        # they, not the bf16 module, are what the phase trained (a collective under ZeRO-3)
+        master = {id(p): safe_get_full_fp32_param(p) for p in params if p.requires_grad}
         self.engine.destroy()
         self.acc.free_memory()  # accelerate's references to the engine, optimizer and wrapper
         if full is not None:
             for p, t in zip(params, full):
                 p.data = t
+        for p, dtype in self._dtypes:
+            m = master.get(id(p))
+            if m is not None:  # trained: the master copy, in the dtype it had (float32)
+                p.data = m.detach().to(p.device, dtype).clone()
+            elif p.dtype != dtype:  # frozen inside a trained component (a LoRA base): its dtype back
+                p.data = p.data.to(dtype)  # (rounded to bf16 by the engine: load such a model in bf16)
         _attr_restore(module, self._attrs)
-        self.engine, self._groups = None, []
+        self.engine, self._groups, self._dtypes = None, [], []
 
     def save(self, folder: Path, step: int) -> str:
         """The engine's state (partitioned optimizer state, one file per rank) under a new tag;

@@ -19,18 +19,22 @@ half the memory: scores in that dtype, so the top-k may differ from float32's at
 copy needs at most `index.gpu_memory_fraction` of the GPU's free memory; otherwise the index is
 searched on CPU (as planned for CPU queries: `auto` may pick IVF there), with a warning. `lookup`
 gathers rows on the GPU from a float32 copy, else on CPU and moves only those rows: the scores that
-carry gradient always see float32 embeddings. faiss-gpu is used only when `faiss.get_num_gpus() > 0` (the GPU wheel
-imports on machines without a GPU and then silently returns empty indexes), the GPU's compute
-capability is one the installed wheel was built for (`_WHEEL_ARCHS`) and a probe search on the
-GPU returns what faiss on CPU returns; otherwise search falls back to exact torch search on the
-GPU, with a warning that says why. Which wheel: `faiss-gpu-cu12` (setup.cfg's `gpu` extra) is
-built for compute capability 7.0-8.9 from 1.9 on (Volta to Ada), so on an H100/H200 (9.0) it is
-not used; `faiss-gpu-cu12-cuvs` (sm_75/80/86/90) covers Hopper. `auto` searches exactly on a GPU:
-one (B, N) matmul per batch there (1M x 384 float32 is 1.5 GB of GPU memory; not measured here).
+carry gradient always see float32 embeddings.
 
-The float32 embeddings (N, H) are also kept on CPU in every case: strategies score arbitrary candidate rows
-against them, and `state_dict()` saves them, or with a store (`ragtune.index_store`) a reference
-to the store's one copy, keyed by the passage-encoder state that built them (`key`).
+faiss-gpu is used only when `faiss.get_num_gpus() > 0` (the GPU wheel imports on machines without
+a GPU and then silently returns empty indexes), the GPU's compute capability is one the installed
+wheel was built for (`_WHEEL_ARCHS`) and a probe search on the GPU returns what faiss on CPU
+returns; otherwise search falls back to exact torch search on the GPU, with a warning that says
+why. Which wheel: `faiss-gpu` (faiss's own wheel, 1.14.3+; setup.cfg's `gpu` extra) has code for
+compute capability 7.0-9.0 (Volta to Hopper, H100/H200 included); the community `faiss-gpu-cu12`
+stops at 8.9 from 1.9 on, so on an H100/H200 it is not used; `faiss-gpu-cuvs` (the `gpu-cuvs`
+extra, CUDA 13) is left to the probe. `auto` searches exactly on a GPU: one (B, N) matmul per batch
+there (1M x 384 float32 is 1.5 GB of GPU memory; not measured here).
+
+The float32 embeddings (N, H) are also kept on CPU in every case: strategies score arbitrary
+candidate rows against them, and `state_dict()` saves them, or with a store
+(`ragtune.index_store`) a reference to the store's one copy, keyed by the passage-encoder state
+that built them (`key`).
 """
 
 from __future__ import annotations
@@ -80,8 +84,7 @@ def auto_nlist(n: int) -> int:
 _WHEEL_ARCHS = {
     "faiss-gpu-cu11": ((7, 0), (7, 5), (8, 0), (8, 6), (8, 9)),  # Volta..Ada (1.9+; 1.8: 6.0..9.0)
     "faiss-gpu-cu12": ((7, 0), (7, 5), (8, 0), (8, 6), (8, 9)),
-    "faiss-gpu-cu12-cuvs": ((7, 5), (8, 0), (8, 6), (9, 0)),
-    "faiss-gpu-cu13-cuvs": ((7, 5), (8, 0), (8, 6), (9, 0)),
+    "faiss-gpu": ((7, 0), (7, 5), (8, 0), (8, 6), (8, 9), (9, 0)),  # faiss's own wheel (1.14.3+)
 }
 
 
@@ -89,11 +92,10 @@ def _wheel() -> Tuple[str, str]:
     """(distribution, version) that installed the `faiss` module ("", "") when unknown."""
     from importlib import metadata
 
-    for dist in metadata.distributions():
-        name = (dist.metadata["Name"] or "").lower()
-        if name.startswith("faiss"):
-            return name, dist.version
-    return "", ""
+    found = [((d.metadata["Name"] or "").lower(), d.version) for d in metadata.distributions()]
+    found = [f for f in found if f[0].startswith("faiss")]
+    gpu = [f for f in found if "gpu" in f[0]]  # faiss-cpu left beside a GPU wheel: the GPU one is asked about
+    return (gpu or found or [("", "")])[0]
 
 
 def _arch_supported(dist: str, version: str, cap: Tuple[int, int]) -> Optional[bool]:
@@ -114,7 +116,8 @@ def faiss_gpu_status() -> Tuple[bool, str]:
         return False, "faiss is not installed"
     if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
         dist, _ = _wheel()
-        return False, f"faiss.get_num_gpus() == 0 (installed: {dist or 'faiss'}; sm_90 needs faiss-gpu-cu12-cuvs)"
+        why = f"installed: {dist or 'faiss'}; sm_90 needs faiss-gpu, not faiss-gpu-cu12"
+        return False, f"faiss.get_num_gpus() == 0 ({why})"
     dist, version = _wheel()
     cap = torch.cuda.get_device_capability() if torch.cuda.is_available() else (0, 0)
     if _arch_supported(dist, version, cap) is False:

@@ -210,3 +210,21 @@ def test_deepspeed_zero3_matches_one_process_and_resumes_exactly(tmp_path, refer
     _same_trajectory(_steps(tmp_path / "r"), reference)
     rows = [json.loads(ln) for ln in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "dev/em" in r] == [3, 6]
+
+
+@pytest.mark.slow
+def test_deepspeed_bf16_hands_back_the_float32_master_weights(tmp_path):
+    """A bf16 engine trains a bf16 copy of the module; at the phase end the optimizer's float32
+    master weights, not that copy, are what later phases and final.pt get: every trained weight is
+    float32 and some are not bf16-representable (a bf16 copy would be), and the frozen LoRA base
+    is back in its own dtype."""
+    pytest.importorskip("deepspeed")
+    res, why = _torchrun(tmp_path, tmp_path / "r", "train.distributed=deepspeed", "train.precision=bf16")
+    assert res.returncode == 0, why
+    final = torch.load(tmp_path / "r" / "final.pt", weights_only=False)["weights"]
+    trained = {k: v for k, v in final.items() if "lora_" in k or k.startswith("retriever.query_encoder.")}
+    assert any("lora_" in k for k in trained) and any(k.startswith("retriever.") for k in trained)
+    assert all(v.dtype == torch.float32 for v in trained.values())
+    for comp in ("generator.", "retriever.query_encoder."):  # both phases' components
+        moved = [v for k, v in trained.items() if k.startswith(comp) and v.abs().sum() > 0]
+        assert any(not torch.equal(v, v.bfloat16().float()) for v in moved), comp

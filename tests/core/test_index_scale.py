@@ -200,7 +200,8 @@ def test_faiss_gpu_status_needs_gpus_and_a_supported_architecture(monkeypatch):
         assert not ok and "probe search on the GPU failed" in why
     finally:
         index_mod.faiss_gpu_status.cache_clear()
-    assert index_mod._arch_supported("faiss-gpu-cu12-cuvs", "1.15.0", (9, 0))
+    assert index_mod._arch_supported("faiss-gpu", "1.15.1", (9, 0))
+    assert index_mod._arch_supported("faiss-gpu-cuvs", "1.15.1", (9, 0)) is None  # the probe decides
     assert index_mod._arch_supported("faiss-gpu-cu12", "1.8.0", (9, 0))  # 1.8 wheels reached Hopper
     assert not index_mod._arch_supported("faiss-gpu-cu12", "1.9.0", (9, 0))
     assert index_mod._arch_supported("faiss-gpu-cu12", "1.9.0", (8, 9))
