@@ -173,7 +173,15 @@ class Checkpointer:
 
 def load_weights(rag, state: dict, where: str = "weights") -> None:
     """Load a subset of the pipeline's weights (the trained components of a run); any key it does not
-    have is an error (a renamed or missing module never loads silently)."""
+    have is an error (a renamed or missing module never loads silently). A saved tensor of a higher
+    precision than the parameter it goes to (a parent run's float32 fine-tuned weights, with
+    `train.init_from`, into a component this run loads in bf16 and does not train) upcasts that
+    parameter first: casting down would round most of the fine-tuning away."""
+    params = dict(rag.named_parameters(remove_duplicate=False))
+    for key, value in state.items():
+        p = params.get(key)
+        if p is not None and value.is_floating_point() and value.element_size() > p.element_size():
+            p.data = p.data.to(value.dtype)
     _, unexpected = rag.load_state_dict(state, strict=False)
     if unexpected:
         raise ValueError(f"{where}: unexpected keys in weights, e.g. {unexpected[:3]}")

@@ -447,7 +447,8 @@ class DeepSpeed(Local):
                 full = [p.data.clone() for p in params]
         # the optimizer's float32 master weights (bf16 engines train a bf16 copy of the module):
         # they, not the bf16 module, are what the phase trained (a collective under ZeRO-3)
-        master = {id(p): safe_get_full_fp32_param(p) for p in params if p.requires_grad}
+        in_opt = [p for _, ps in self._groups for p in ps]  # the optimizer's parameters, same order on every rank
+        master = {id(p): safe_get_full_fp32_param(p) for p in in_opt}
         self.engine.destroy()
         self.acc.free_memory()  # accelerate's references to the engine, optimizer and wrapper
         if full is not None:

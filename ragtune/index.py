@@ -242,7 +242,12 @@ class DenseIndex:
         if self.plan is not None and self._planned_for == device.type:
             return self.plan
         t0 = clock()
-        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+        free = None
+        if device.type == "cuda":  # the driver's free memory + what torch holds cached but unused
+            free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+            free -= torch.cuda.memory_allocated(device)
+            if self._emb_dev is not None:  # the copy this one replaces (still referenced)
+                free += self._emb_dev.numel() * self._emb_dev.element_size()
         plan = plan_search(self.cfg, len(self), device.type, dim=self.emb.shape[1], free_bytes=free)
         self._faiss = self._build_faiss(plan) if plan.where != "torch" else None
         self._emb_dev = None

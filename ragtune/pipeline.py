@@ -69,7 +69,20 @@ class RAGPipeline(nn.Module):
 
     # ---- components (core) --------------------------------------------------------------------
     def setup_strategy(self) -> None:
-        """Let the strategy build its declared parts, then check that it owns nothing undeclared."""
+        """Let the strategy build its declared parts, then check that it owns nothing undeclared.
+
+        Master weights: every parameter a phase trains is float32; what no phase trains stays in
+        its loaded dtype (a frozen bf16 passage tower embeds the corpus at half the memory). The
+        trained built-in components are cast before the strategy's setup, so a part it copies
+        from them (a Polyak target tower, a frozen reference generator, a critic's trunk) starts
+        in float32 as well; trained parts are cast after it."""
+        trained = set(self.strategy.trained_components())
+        builtin = {  # no parts exist yet
+            "query_encoder": list(self.retriever.query_encoder.parameters()),
+            "doc_encoder": list(self.retriever.doc_encoder.parameters()),
+            "generator": self.generator.trainable_parameters(),
+        }
+        float32_([p for comp, params in builtin.items() if comp in trained for p in params])
         self.strategy.setup(self)
         owned = {id(p) for part in self.strategy.parts() for p in self.strategy.part_module(part.name).parameters()}
         stray = [n for n, p in self.strategy.named_parameters() if id(p) not in owned]
@@ -80,10 +93,6 @@ class RAGPipeline(nn.Module):
         for part in self.strategy.parts():
             if not part.trainable:
                 self.strategy.part_module(part.name).requires_grad_(False)
-        # master weights: every parameter a phase trains is float32 (a bf16-loaded tower, the
-        # generator or a part copied from it, e.g. a critic's trunk); what no phase trains stays
-        # in its loaded dtype (a frozen bf16 passage tower embeds the corpus at half the memory)
-        trained = set(self.strategy.trained_components())
         float32_([p for comp, params in self.component_params().items() if comp in trained for p in params])
 
     def component_modules(self) -> Dict[str, nn.Module]:

@@ -5,7 +5,10 @@ Three separate choices (each model's `dtype`, `train.precision`, and float32 whe
   every parameter a phase trains is then kept in float32 (`RAGPipeline.setup_strategy`).
 - `compute(precision, device)`: the autocast context of `train.precision` on `device`, the same
   one accelerate's `Accelerator.autocast()` opens (torch.autocast with bfloat16), so training,
-  dev evaluation, `ragtune eval` and the runner's test evaluation all compute alike.
+  dev evaluation, `ragtune eval` and the runner's test evaluation all compute alike. Not quite
+  under DeepSpeed: there accelerate's autocast is a no-op and the engine computes with its bf16
+  copy of the weights (dev evaluation inside a phase too), while the final evaluation runs the
+  float32 masters under this autocast: the same bf16 matmuls, float32 elsewhere.
 - `fp32(t)`: autocast switched off, for retrieval scores and the index search. Under autocast a
   matmul runs in bf16, whose 8-bit mantissa resolves 0.125 at 16..32: scores s/tau (tau = 0.05)
   of normalised embeddings live there, so a bf16 score would blur the softmax over passages

@@ -167,3 +167,26 @@ def test_concatenated_texts_index_slice_and_iterate_like_the_list():
     assert c[1:4] == ref[1:4] and c[::2] == ref[::2]
     with pytest.raises(IndexError):
         c[5]
+
+
+def test_parts_copied_from_a_trained_bf16_tower_start_in_float32(tmp_path):
+    """rl_retriever's Polyak target towers are frozen copies of the trained query tower: they are
+    made after the trained built-in components are cast, so they track it in float32."""
+    cfg = tiny_cfg(tmp_path, "strategy.name=rl_retriever", "retriever.dtype=bfloat16")
+    _, m, _ = build(cfg)
+    assert {p.dtype for p in m.retriever.query_encoder.parameters()} == {torch.float32}
+    frozen = [part for part in m.strategy.parts() if not part.trainable]
+    assert frozen  # the target towers
+    for part in frozen:
+        if not part.trainable:
+            assert {p.dtype for p in m.strategy.part_module(part.name).parameters()} == {torch.float32}, part.name
+
+
+def test_loading_float32_weights_into_a_bf16_parameter_upcasts_it():
+    from ragtune.checkpoint import load_weights
+
+    mod = torch.nn.Linear(4, 3).to(torch.bfloat16)
+    fine = torch.randn(3, 4) * 1e-3 + mod.weight.float()  # changes far below bf16's resolution
+    load_weights(mod, {"weight": fine})
+    assert mod.weight.dtype == torch.float32 and torch.equal(mod.weight.data, fine)
+    assert mod.bias.dtype == torch.bfloat16  # not in the state: untouched
