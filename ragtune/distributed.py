@@ -30,7 +30,15 @@ Backends:
   a collective when the module runs, so every rank must make the same sequence of module calls in
   a step: a strategy whose number of tower calls depends on the rank's own data or samples
   (rl_retriever's episodes) stalls until `train.dist_timeout_s` fails the run; use ZeRO-2 (or DDP)
-  for it (DDP and ZeRO-2 keep full parameters on every rank and fetch nothing).
+  for it (DDP and ZeRO-2 keep full parameters on every rank and fetch nothing). Inside `gathered()`
+  the parameters are pinned and fetched already, so there the ranks may make different numbers of
+  calls: a sharded index refresh does (tested with every parameter partitioned).
+
+Corpus embedding (the initial index and every refresh, `RAGPipeline.refresh_index`) is sharded
+over the ranks: each embeds its share of the length-sorted batches and `all_gather_rows` gives
+every rank all the rows (gloo: CPU tensors; nccl: this rank's GPU), so each rank charges only its
+batches and the merged ledger counts the logical work once; `rank_world` is the (rank, world
+size) it shards by.
 
 Also here: per-rank seeds (`seed_rank`: rank 0 keeps the run's seed, so rank 0 of N processes
 draws what one process draws), and `wait_for_main`, the barrier other ranks wait at while the main
@@ -195,6 +203,58 @@ def seed_rank(seed: int, rank: int) -> None:
         random.seed(s)
         np.random.seed(s)
         torch.manual_seed(s)
+
+
+def rank_world() -> Tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) when none is initialised (one
+    process, or a pipeline used outside a launcher)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _collective_device() -> torch.device:
+    """Where tensors must be for a collective on the default group: this rank's CUDA device under
+    nccl alone, CPU under gloo (also a mixed "cpu:gloo,cuda:nccl" group, which sends CPU tensors
+    through gloo)."""
+    backend = str(torch.distributed.get_backend())
+    if "nccl" in backend and "gloo" not in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_gather_rows(x: torch.Tensor, chunk_bytes: int = 64 << 20) -> List[torch.Tensor]:
+    """Every rank's 2-D tensor x (R_r, H), in rank order, on CPU and bit for bit; ranks may hold
+    different numbers of rows, zero included (H and the dtype are then taken from the others).
+    Every rank must call it. The rows travel padded to the largest R_r, `chunk_bytes` of one
+    rank's rows per all_gather, so the device buffers stay bounded for a corpus-sized gather."""
+    import torch.distributed as dist
+
+    _, world = rank_world()
+    if world == 1:
+        return [x.cpu()]
+    dev = _collective_device()
+    metas: List[object] = [None] * world
+    n = x.shape[0]
+    dist.all_gather_object(metas, (n, x.shape[-1] if n else 0, x.dtype if n else None))
+    rows = [int(m[0]) for m in metas]  # (world,) rows per rank
+    dim = max(int(m[1]) for m in metas)
+    dtype = next((m[2] for m in metas if m[2] is not None), torch.float32)
+    width = max(rows)
+    mine = torch.zeros((width, dim), dtype=dtype)  # (max R, H) this rank's rows, zero-padded
+    if n:
+        mine[:n] = x.cpu()
+    out = [torch.empty((width, dim), dtype=dtype) for _ in range(world)]  # (max R, H) per rank, CPU
+    step = max(1, chunk_bytes // max(1, dim * mine.element_size()))
+    for a in range(0, width, step):
+        part = mine[a : a + step].to(dev)  # (c, H)
+        parts = [torch.empty_like(part) for _ in range(world)]
+        dist.all_gather(parts, part)
+        for r in range(world):
+            out[r][a : a + step] = parts[r].cpu()
+    return [o[:k] for o, k in zip(out, rows)]
 
 
 def wait_for_main(acc) -> None:

@@ -15,7 +15,9 @@ The cost stays honest: the ledger records of the original build are stored besid
 embeddings and replayed into the run's ledger on a hit (FLOPs, tokens, calls and the forward
 seconds measured when it was computed), so every run is charged the index build exactly as if it
 had run; only `wall_seconds.index` shows the real (shorter) load time. `index.cache_initial=false`
-turns it off. A torn or unreadable cache file is rebuilt, never trusted.
+turns it off. A torn or unreadable cache file is rebuilt, never trusted. Under several processes
+the build is sharded over the ranks like every refresh, rank 0 alone writes the entry, and a hit
+is one on every rank or on none (`build_initial_index`).
 """
 
 from __future__ import annotations
@@ -80,27 +82,50 @@ def store_of(cfg) -> IndexStore | None:
     return IndexStore(where or Path(cfg.data.cache_dir).expanduser() / "index")
 
 
+def _cached(store: IndexStore, key: str, n: int):
+    """(embeddings (N, H), digest, charges Ledger) of the cache entry `key`, or None when it is
+    absent, unreadable or not of this corpus's size (never trusted: rebuilt)."""
+    if not store.has(key):
+        return None
+    try:
+        saved = store.get(key)
+        charges = Ledger()
+        charges.load_state_dict(saved["charges"])
+    except (MissingIndexEntry, KeyError, TypeError, ValueError):
+        return None
+    if saved["emb"].shape[0] != n:
+        return None
+    return saved["emb"], saved["digest"], charges
+
+
 def build_initial_index(rag, cache_dir: str, batch_size: int, use_cache: bool) -> bool:
     """Embed the corpus into `rag.index`, from the cache when possible; True on a cache hit.
-    The cache is the index's store (`rag.index.store`, else `<cache_dir>/index`)."""
+    The cache is the index's store (`rag.index.store`, else `<cache_dir>/index`).
+
+    Several processes (every rank calls it): a hit is a hit only when every rank read the entry
+    (one rank's miss makes all rebuild, so no rank waits alone in the sharded refresh's
+    collectives), and its charges are replayed on rank 0 only; a build is sharded over the ranks
+    (`RAGPipeline.refresh_index`), each rank charging its share, and rank 0 stores the entry
+    with every rank's charges summed (the logical build's, what the next run replays)."""
+    from ragtune.distributed import rank_world
+
     if not use_cache:
         rag.refresh_index(batch_size)
         return False
+    rank, world = rank_world()
     store = rag.index.store or IndexStore(Path(cache_dir).expanduser() / "index")
     key = index_key(rag, batch_size)
-    if store.has(key):
-        try:
-            saved = store.get(key)
-            charges = Ledger()
-            charges.load_state_dict(saved["charges"])
-        except (MissingIndexEntry, KeyError, TypeError, ValueError):  # never trusted: rebuilt
-            saved = None
-        if saved is not None and saved["emb"].shape[0] == len(rag.passage_texts):
-            rag.index.build(saved["emb"], key, batch_size)
-            rag.index.digest = saved["digest"]
+    hit = _cached(store, key, len(rag.passage_texts))
+    if world > 1 and not all(rag.gather(hit is not None)):
+        hit = None
+    if hit is not None:
+        emb, digest, charges = hit
+        rag.index.build(emb, key, batch_size)
+        rag.index.digest = digest
+        if rank == 0:  # the logical build, charged once over the ranks
             rag.ledger.merge(charges)
-            rag.index.prepare()
-            return True
+        rag.index.prepare()
+        return True
     main = rag.retriever.ledger
     charges = Ledger(main.device_name)
     rag.retriever.ledger = charges  # record the build's charges apart, to store and replay them
@@ -108,6 +133,14 @@ def build_initial_index(rag, cache_dir: str, batch_size: int, use_cache: bool) -
         rag.refresh_index(batch_size)
     finally:
         rag.retriever.ledger = main
-    main.merge(charges)
-    rag.index.digest = store.put(key, rag.index.emb, charges=charges.state_dict())
+    main.merge(charges)  # this rank's share of the build
+    if world > 1:
+        states = rag.gather(charges.state_dict())  # every rank's share, in rank order
+        charges = Ledger(main.device_name)
+        for st in states:
+            share = Ledger()
+            share.load_state_dict(st)
+            charges.merge(share)
+    if rank == 0:  # one writer; the other ranks' index is the same (bitwise), its digest computed when needed
+        rag.index.digest = store.put(key, rag.index.emb, charges=charges.state_dict())
     return False

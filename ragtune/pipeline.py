@@ -43,6 +43,17 @@ class Retrieval:
         }
 
 
+def refresh_shard(n_batches: int, rank: int, world: int) -> range:
+    """The batches of an index refresh that `rank` of `world` processes embeds: batch j of the
+    length-sorted order goes to rank j % world. Whole batches, so each rank's batches (and their
+    padding) are one process's and the gathered index is bitwise one process's; strided rather
+    than contiguous, so every rank gets short and long passages alike (the order is sorted by
+    length) and the ranks' batch counts differ by at most one."""
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not a rank of a world of {world} processes")
+    return range(rank, n_batches, world)
+
+
 class RAGPipeline(nn.Module):
     def __init__(
         self,
@@ -133,7 +144,17 @@ class RAGPipeline(nn.Module):
         file-order ones up to float32 rounding, not to the bit: padding changes the length that
         attention reduces over, hence the summation order (1.6e-7 at most on MiniLM). The index is
         keyed by the tower state that built it (`index_cache.index_key`) and its search structure
-        is made at once, so an approximate index's recall is measured at every refresh."""
+        is made at once, so an approximate index's recall is measured at every refresh.
+
+        Several processes (a process group of world size W > 1 initialised; every rank must call
+        this at the same point): batch j of the sorted order is embedded by rank j % W only
+        (`refresh_shard`), the rows are all-gathered (`distributed.all_gather_rows`) and every
+        rank builds the same full index. Each rank's batches are exactly one process's batches,
+        so the index is bitwise what one process builds, and each rank charges only the batches
+        it embedded: the trainer's merge of the ranks' ledgers counts the logical work once. The
+        index's `info` describes the logical work too (all ranks' padded tokens; the seconds
+        until every rank has the full index)."""
+        from ragtune.distributed import all_gather_rows, rank_world
         from ragtune.index_cache import index_key
 
         tower = self.retriever.doc_encoder
@@ -146,29 +167,43 @@ class RAGPipeline(nn.Module):
             order = torch.from_numpy(np.argsort(tokens.lengths, kind="stable"))  # (N,) rows, shortest first
         else:
             order = torch.arange(n)
+        rank, world = rank_world()
+        n_batches = -(-n // batch_size)
+        batch_rows = lambda j: order[j * batch_size : (j + 1) * batch_size]  # noqa: E731 - (b,) rows of batch j
         was_training = tower.training
         tower.eval()  # no dropout in stored embeddings
-        out, padded = None, 0
+        embs, padded = [], 0  # this rank's (b, H) embeddings, in the order of its batches
         try:
             with torch.no_grad():
-                for i in range(0, n, batch_size):
-                    rows = order[i : i + batch_size]  # (b,)
-                    batch = tokens.batch(rows.numpy())  # (b, L) padded to this batch's longest
+                for j in refresh_shard(n_batches, rank, world):
+                    batch = tokens.batch(batch_rows(j).numpy())  # (b, L) padded to this batch's longest
                     padded += batch["input_ids"].numel()
                     emb = self.retriever.encode_tokens(batch, tower, "doc_encoder", "index")  # (b, H)
-                    if out is None:
-                        out = torch.empty((n, emb.shape[-1]), dtype=torch.float32)  # (N, H), corpus order
-                    out[rows] = emb.float().cpu()
+                    embs.append(emb.float().cpu())
         finally:
             tower.train(was_training)
+        if world == 1:
+            pieces = list(zip(refresh_shard(n_batches, 0, 1), embs))  # (batch j, its (b, H) embeddings)
+        else:  # every rank's rows, split back into its batches; then the padded tokens of all ranks
+            parts = all_gather_rows(torch.cat(embs) if embs else torch.empty((0, 0)))  # world x (R_r, H)
+            del embs
+            pieces = []
+            for r, part in enumerate(parts):
+                shard = refresh_shard(n_batches, r, world)
+                pieces += zip(shard, part.split([len(batch_rows(j)) for j in shard]))
+            padded = sum(self.gather(padded))
+        out = torch.empty((n, pieces[0][1].shape[-1]), dtype=torch.float32)  # (N, H), corpus order
+        for j, emb in pieces:
+            out[batch_rows(j)] = emb
         t_embed = clock() - t0 - t_tok
         self.index.build(out, key, batch_size)
         self.index.prepare()
         self.index.info.update(
             refresh_tokenize_seconds=t_tok,  # ~0 once the corpus tokens are cached
-            refresh_embed_seconds=t_embed,
+            refresh_embed_seconds=t_embed,  # several ranks: until this rank holds every rank's rows
             real_tokens=int(tokens.lengths.sum()),
-            padded_tokens=int(padded),
+            padded_tokens=int(padded),  # summed over the ranks
+            refresh_ranks=world,
         )
 
     def _rebuild_missing_index(self, ref: dict) -> bool:

@@ -175,8 +175,6 @@ def _train(cfg, run_dir: Path) -> Dict[str, object]:
     data = load_data(cfg.data)
     parent = read_final(cfg.train.init_from, "train.init_from") if cfg.train.init_from else None
     rag = build_pipeline(cfg, data, ledger, parent, acc.device)
-    if not acc.is_main_process:  # every rank built the same pipeline (initial index too): charged once, on rank 0
-        ledger.load_state_dict(Ledger(ledger.device_name).state_dict())
     result: Dict[str, object] = {
         "strategy": cfg.strategy.name,
         "status": "ok",

@@ -20,8 +20,9 @@ checkpoints fall on collection boundaries) or iterate over strategy-built exampl
 Several processes (`ragtune.distributed`): only the phase's trained components are wrapped (DDP,
 or a DeepSpeed ZeRO-2/3 engine), accumulation micro-steps skip the all-reduce, each rank draws
 from its own seed (its RNG state is checkpointed per rank), logged step values are means over
-ranks (the global batch), the index refresh is charged once, and the other ranks wait for the
-main process's evaluation and writes at a barrier with its own long timeout.
+ranks (the global batch), the corpus embedding of the initial index and of every refresh is
+sharded over the ranks and gathered (charged once for the logical work), and the other ranks wait
+for the main process's evaluation and writes at a barrier with its own long timeout.
 
 Hook order (the contract in `ragtune.strategy`): setup (in `run.build_pipeline`) -> restore ->
 `on_phase_start(rag, ctx, resumed)` -> per step `loss` ... `on_step_end(rag, ctx)`.
@@ -534,13 +535,13 @@ class Trainer:
         self.rag.ledger.load_state_dict(type(self.rag.ledger)(self.rag.ledger.device_name).state_dict())
 
     def _refresh(self):
-        """Re-embed the corpus on every rank (each searches its own copy of the index); charged
-        once, on the main rank: the other ranks' charges for the same logical work are dropped."""
-        saved = None if self.acc.is_main_process else self.rag.ledger.state_dict()
+        """Re-embed the corpus into the index every rank searches. Several processes: sharded
+        (`RAGPipeline.refresh_index`: each rank embeds its share of the batches, the rows are
+        gathered, every rank builds the same full index) and each rank charges only its share, so
+        `_sync_ledger`'s merge counts the refresh once. ZeRO-3: under `gathered()`, whose pinned
+        full parameters let the ranks run different numbers of passage-tower forwards."""
         with self.rag.ledger.wall("index"), self.dist.gathered():
             self.rag.refresh_index(self.cfg.index.batch_size)
-        if saved is not None:
-            self.rag.ledger.load_state_dict(saved)
 
     def _eval_dev(self, phase):
         """Dev evaluation on the main process (one per run, not one per rank) while the others wait

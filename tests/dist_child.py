@@ -1,6 +1,7 @@
 """torchrun child of tests/core/test_distributed.py: `ragtune train ARGS` in this process, with
 every DDP all-reduce recorded by a communication hook (which parameters each bucket carried), what
-each phase's wrapped module holds, and this rank's seed; written to
+each phase's wrapped module holds, the rows of every corpus-embedding batch this rank ran (the
+`index` calls of `DualEncoder.encode_tokens`) and this rank's seed; written to
 $RAGTUNE_DIST_LOG/rank<R>.json for the test to check."""
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from ragtune import distributed
 from ragtune.cli import main
+from ragtune.retriever import DualEncoder
 
-RECORD = {"phases": [], "allreduces": []}
+RECORD = {"phases": [], "allreduces": [], "index_batches": []}
 _wrap = distributed.DDP._wrap
+_encode_tokens = DualEncoder.encode_tokens
 
 
 def _recording_wrap(self, module):
@@ -45,8 +48,15 @@ def _recording_wrap(self, module):
     return ddp
 
 
+def _recording_encode_tokens(self, enc, tower, component, activity=None):
+    if activity == "index":
+        RECORD["index_batches"].append(int(enc["input_ids"].shape[0]))  # rows of one embedded batch
+    return _encode_tokens(self, enc, tower, component, activity)
+
+
 if __name__ == "__main__":
     distributed.DDP._wrap = _recording_wrap
+    DualEncoder.encode_tokens = _recording_encode_tokens
     code = main(sys.argv[1:])
     RECORD["seed"] = torch.initial_seed()
     out = Path(os.environ["RAGTUNE_DIST_LOG"])

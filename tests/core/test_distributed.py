@@ -10,6 +10,12 @@ the same 4 questions). Tolerances, relative to one process: each step's loss 1e-
 most 5e-8), each gradient norm 2e-4 (measured: up to 5.5e-5 on the query encoder's tiny gradient,
 whose norm is that sensitive to summation order: one process with 4 micro-batches of 1 already
 differs from one batch of 4 by 3.6e-5); learning rates exactly.
+
+The corpus (108 passages) is embedded in batches of 10 (`index.batch_size`): 11 batches, 6 on rank
+0 and 5 on rank 1 (`RAGPipeline.refresh_index` shards them); the run's ledger charges that work
+once, exactly as one process does (FLOPs, tokens, calls of `doc_encoder`'s `index` activity),
+whether the initial index is built (a fresh store, sharded) or found in the cache (replayed on
+rank 0 only).
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ import torch
 
 from ragtune import distributed, run
 from ragtune.config import ConfigError
+from ragtune.index_store import IndexStore
+from ragtune.ledger import Ledger
+from ragtune.pipeline import refresh_shard
 
 from helpers import ROOT, TINY, build, cache_dir, tiny_cfg
 
@@ -36,7 +45,9 @@ COMMON = [
     "train.schedule=constant",
     "train.log_every=1",
     "eval.splits=[]",
+    "index.batch_size=10",
 ]
+N_PASSAGES, INDEX_BATCH = 108, 10
 PER_RANK = ["train.batch_size=1", "train.grad_accum=2"]  # x 2 ranks = the reference's batch of 4
 
 
@@ -119,14 +130,36 @@ def _steps(run_dir):
     return [r for r in rows if "loss" in r]
 
 
+def _index_charges(cost: dict) -> dict:
+    """The passage tower's corpus-embedding charges in a ledger's totals: {field: value}."""
+    return {f: cost[f"{f}_by_component"]["doc_encoder"]["index"] for f in ("flops", "tokens", "real_tokens", "calls")}
+
+
+def _index_cost(run_dir) -> dict:
+    """`_index_charges` of a run (result.json's cost)."""
+    return _index_charges(json.loads((run_dir / "result.json").read_text())["cost"])
+
+
+def _rank_batches(rank: int, builds: int) -> list:
+    """Rows of the corpus-embedding batches `rank` of 2 runs in `builds` index builds: its share."""
+    sizes = [min(INDEX_BATCH, N_PASSAGES - j * INDEX_BATCH) for j in range(-(-N_PASSAGES // INDEX_BATCH))]
+    return [sizes[j] for j in refresh_shard(len(sizes), rank, 2)] * builds
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """One process, batch 4, no accumulation: the trajectory every 2-rank run must reproduce."""
+def reference_dir(tmp_path_factory):
+    """One process, batch 4, no accumulation: the run every 2-rank run must reproduce."""
     d = tmp_path_factory.mktemp("ref")
     run.load_data(tiny_cfg(d / "x").data)  # fill the data cache once, not from two processes
     res = run.train_and_evaluate(tiny_cfg(d / "r", *COMMON, "train.batch_size=4"))
     assert res["status"] == "ok"
-    return _steps(d / "r")
+    return d / "r"
+
+
+@pytest.fixture(scope="module")
+def reference(reference_dir):
+    """The reference run's trajectory (its step lines)."""
+    return _steps(reference_dir)
 
 
 def _torchrun(tmp_path, run_dir, *extra, child=False):
@@ -153,10 +186,19 @@ def _same_trajectory(got, want):
 
 
 @pytest.mark.slow
-def test_ddp_wraps_only_trained_parameters_syncs_once_per_step_and_matches_one_process(tmp_path, reference):
-    res, why = _torchrun(tmp_path, tmp_path / "r", child=True)
+def test_ddp_wraps_only_trained_parameters_syncs_once_per_step_and_matches_one_process(
+    tmp_path, reference, reference_dir
+):
+    """Also: the initial index, built in a fresh store, is sharded (each rank embeds its own
+    batches), charged once for the logical work, and stored by rank 0 with the logical charges."""
+    res, why = _torchrun(tmp_path, tmp_path / "r", f"index.store={tmp_path / 'store'}", child=True)
     assert res.returncode == 0, why
     _same_trajectory(_steps(tmp_path / "r"), reference)
+    assert _index_cost(tmp_path / "r") == _index_cost(reference_dir)
+    (entry,) = (tmp_path / "store").glob("*.pt")
+    stored = Ledger()
+    stored.load_state_dict(IndexStore(tmp_path / "store").get(entry.stem)["charges"])
+    assert _index_charges(stored.deterministic_view()) == _index_cost(reference_dir)
     records = [json.loads((tmp_path / "record" / f"rank{r}.json").read_text()) for r in (0, 1)]
     for rec in records:
         assert [p["trains"] for p in rec["phases"]] == [["generator"], ["query_encoder"]]
@@ -173,6 +215,8 @@ def test_ddp_wraps_only_trained_parameters_syncs_once_per_step_and_matches_one_p
             per_bucket = Counter(a["bucket"] for a in rec["allreduces"] if a["trains"] == trains)
             assert per_bucket and set(per_bucket.values()) == {3}, per_bucket
     assert records[0]["seed"] != records[1]["seed"]  # per-rank seeds
+    for r, rec in enumerate(records):  # each rank embedded its share of the initial index only
+        assert rec["index_batches"] == _rank_batches(r, builds=1), r
 
 
 ZERO3_PARTITIONED = {  # every parameter partitioned (the shipped config keeps small ones whole)
@@ -181,17 +225,19 @@ ZERO3_PARTITIONED = {  # every parameter partitioned (the shipped config keeps s
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_matches_one_process(tmp_path, reference):
+def test_deepspeed_zero2_matches_one_process(tmp_path, reference, reference_dir):
+    """Also: the initial index is a cache hit (the reference stored it) on both ranks, charged once."""
     pytest.importorskip("deepspeed")
     res, why = _torchrun(tmp_path, tmp_path / "r", "train.distributed=deepspeed")
     assert res.returncode == 0, why
     _same_trajectory(_steps(tmp_path / "r"), reference)
     result = json.loads((tmp_path / "r" / "result.json").read_text())
-    assert result["status"] == "ok"
+    assert result["status"] == "ok" and "refresh_ranks" not in result["index"]  # a hit: nothing embedded
+    assert _index_cost(tmp_path / "r") == _index_cost(reference_dir)
 
 
 @pytest.mark.slow
-def test_deepspeed_zero3_matches_one_process_and_resumes_exactly(tmp_path, reference):
+def test_deepspeed_zero3_matches_one_process_and_resumes_exactly(tmp_path, reference, reference_dir):
     """ZeRO-3 with every parameter partitioned: cut after step 2 (inside the first phase, Adam
     moments in the engine's per-rank shards), resumed, evaluated on dev (main process only, full
     parameters gathered); the whole trajectory is the one-process one."""
@@ -210,6 +256,33 @@ def test_deepspeed_zero3_matches_one_process_and_resumes_exactly(tmp_path, refer
     _same_trajectory(_steps(tmp_path / "r"), reference)
     rows = [json.loads(ln) for ln in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "dev/em" in r] == [3, 6]
+    assert _index_cost(tmp_path / "r") == _index_cost(reference_dir)  # once, through the cut and resume
+
+
+SHARED_TOWER = ["retriever.shared_towers=true", "index.refresh_every=1"]
+
+
+@pytest.mark.slow
+def test_zero3_index_refreshes_are_sharded_and_charged_once(tmp_path):
+    """Shared towers: phase 2 trains the passage tower, so the index is refreshed after each of
+    steps 4-6. Under ZeRO-3 with every parameter partitioned each refresh runs inside `gathered()`
+    with rank 0 making 6 passage-tower forwards and rank 1 five (the pinned full parameters let
+    the ranks' call counts differ); the trajectory is one process's, each rank embedded only its
+    share of the 4 index builds (the initial one in a fresh store) and the run charges them once."""
+    pytest.importorskip("deepspeed")
+    ref = tmp_path / "ref"
+    assert run.train_and_evaluate(tiny_cfg(ref, *COMMON, *SHARED_TOWER, "train.batch_size=4"))["status"] == "ok"
+    ds = tmp_path / "zero3.json"
+    ds.write_text(json.dumps(ZERO3_PARTITIONED))
+    args = [*SHARED_TOWER, "train.distributed=deepspeed", f"train.deepspeed_config={ds}"]
+    res, why = _torchrun(tmp_path, tmp_path / "r", *args, f"index.store={tmp_path / 'store'}", child=True)
+    assert res.returncode == 0, why
+    _same_trajectory(_steps(tmp_path / "r"), _steps(ref))
+    assert _index_cost(tmp_path / "r") == _index_cost(ref)
+    assert _index_cost(ref)["calls"] == 4 * -(-N_PASSAGES // INDEX_BATCH)  # initial + 3 refreshes
+    for r in (0, 1):
+        rec = json.loads((tmp_path / "record" / f"rank{r}.json").read_text())
+        assert rec["index_batches"] == _rank_batches(r, builds=4), r
 
 
 @pytest.mark.slow
