@@ -88,11 +88,7 @@ class RAGPipeline(nn.Module):
         from them (a Polyak target tower, a frozen reference generator, a critic's trunk) starts
         in float32 as well; trained parts are cast after it."""
         trained = set(self.strategy.trained_components())
-        builtin = {  # no parts exist yet
-            "query_encoder": list(self.retriever.query_encoder.parameters()),
-            "doc_encoder": list(self.retriever.doc_encoder.parameters()),
-            "generator": self.generator.trainable_parameters(),
-        }
+        builtin = self._builtin_params()  # no parts exist yet
         float32_([p for comp, params in builtin.items() if comp in trained for p in params])
         self.strategy.setup(self)
         owned = {id(p) for part in self.strategy.parts() for p in self.strategy.part_module(part.name).parameters()}
@@ -118,14 +114,18 @@ class RAGPipeline(nn.Module):
     def component_params(self) -> Dict[str, List[nn.Parameter]]:
         """Trainable parameters per component (LoRA adapters only when LoRA is on, never those of an
         adapter copy: `Generator.trainable_parameters`); frozen parts: none."""
-        out = {
+        out = self._builtin_params()
+        for part in self.strategy.parts():
+            out[part.name] = list(self.strategy.part_module(part.name).parameters()) if part.trainable else []
+        return out
+
+    def _builtin_params(self) -> Dict[str, List[nn.Parameter]]:
+        """Trainable parameters of the built-in components (shared towers: under query_encoder)."""
+        return {
             "query_encoder": list(self.retriever.query_encoder.parameters()),
             "doc_encoder": [] if self.retriever.shared else list(self.retriever.doc_encoder.parameters()),
             "generator": self.generator.trainable_parameters(),
         }
-        for part in self.strategy.parts():
-            out[part.name] = list(self.strategy.part_module(part.name).parameters()) if part.trainable else []
-        return out
 
     def set_modes(self, trains) -> None:
         """Train mode (dropout) only for the components being trained; frozen ones act as at inference."""

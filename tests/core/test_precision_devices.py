@@ -178,8 +178,7 @@ def test_parts_copied_from_a_trained_bf16_tower_start_in_float32(tmp_path):
     frozen = [part for part in m.strategy.parts() if not part.trainable]
     assert frozen  # the target towers
     for part in frozen:
-        if not part.trainable:
-            assert {p.dtype for p in m.strategy.part_module(part.name).parameters()} == {torch.float32}, part.name
+        assert {p.dtype for p in m.strategy.part_module(part.name).parameters()} == {torch.float32}, part.name
 
 
 def test_loading_float32_weights_into_a_bf16_parameter_upcasts_it():
