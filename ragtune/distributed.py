@@ -27,12 +27,13 @@ Backends:
   the engine's forward: index refresh, evaluation, collection, hooks and saves. At the phase end the
   engine is destroyed and the parameters become plain full tensors again, so a later phase, the
   final save and the evaluation see ordinary modules. ZeRO-3 fetches each module's parameters with
-  a collective when the module runs, so every rank must make the same sequence of module calls in
-  a step: a strategy whose number of tower calls depends on the rank's own data or samples
-  (rl_retriever's episodes) stalls until `train.dist_timeout_s` fails the run; use ZeRO-2 (or DDP)
-  for it (DDP and ZeRO-2 keep full parameters on every rank and fetch nothing). Inside `gathered()`
-  the parameters are pinned and fetched already, so there the ranks may make different numbers of
-  calls: a sharded index refresh does (tested with every parameter partitioned).
+  a collective when the module runs and records the order of module calls, which must be the same
+  on every rank (checked across ranks by DeepSpeed, itself a collective), so the engine's forward
+  (the strategy's loss) must make the same module calls on every rank. Inside `gathered()` the
+  engine's module hooks are detached (as DeepSpeed's own `unwrap_model_for_generation` does), so
+  nothing is fetched or recorded there and the ranks may make any calls: a sharded index refresh,
+  generation, and a strategy's collection whose episodes end at different steps on different
+  ranks (rl_retriever; tested with every parameter partitioned).
 
 Corpus embedding (the initial index and every refresh, `RAGPipeline.refresh_index`) is sharded
 over the ranks: each embeds its share of the length-sorted batches and `all_gather_rows` gives
@@ -473,22 +474,35 @@ class DeepSpeed(Local):
     @contextmanager
     def gathered(self):
         """ZeRO-3: the engine's full parameters on every rank for the duration (a collective every
-        rank enters; read-only: changes are discarded). Pinned, so a forward inside (refresh,
-        generation) finds them and does not release them. Other stages: nothing to do."""
+        rank enters; read-only: changes are discarded), with the engine's module hooks detached, so
+        module calls inside (refresh, generation, collection) fetch nothing and leave no trace in
+        the call order DeepSpeed checks across ranks: the ranks may make different calls there.
+        A DeepSpeed without detachable hooks: the parameters are pinned instead (fetched already,
+        never released inside; then the ranks must make the same calls). Other stages: nothing."""
         if self.engine is None or self.stage != 3:
             yield
             return
         import deepspeed
 
         params = list(self.engine.module.parameters())
+        offload = getattr(self.engine.optimizer, "parameter_offload", self.engine.optimizer)
+        detach = all(hasattr(offload, a) for a in ("forward_hooks", "backward_hooks", "_register_deepspeed_module"))
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            for p in params:
-                p.ds_active_sub_modules.add(_PIN)
+            if detach:
+                for hook in (*offload.forward_hooks, *offload.backward_hooks):
+                    hook.remove()
+                offload.forward_hooks, offload.backward_hooks = [], []
+            else:
+                for p in params:
+                    p.ds_active_sub_modules.add(_PIN)
             try:
                 yield
             finally:
-                for p in params:
-                    p.ds_active_sub_modules.discard(_PIN)
+                if detach:  # the same module ids as at the engine's start (a stale trace is re-recorded)
+                    offload._register_deepspeed_module(offload.module, count=[0])
+                else:
+                    for p in params:
+                        p.ds_active_sub_modules.discard(_PIN)
 
     def end_phase(self) -> None:
         """Destroy the engine; the parameters become plain full tensors again (ZeRO-3: gathered

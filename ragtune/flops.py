@@ -97,7 +97,7 @@ class ModelShape:
         for name, module in model.named_modules():
             if not isinstance(module, (torch.nn.Linear, Conv1D)):
                 continue
-            n = int(module.weight.numel())
+            n = weight_numel(module.weight)
             t = n if module.weight.requires_grad else 0
             groups = (
                 ["pooler"]
@@ -119,6 +119,12 @@ class ModelShape:
             trainable_pooler_params=c["pooler"][1],
             trainable_head_params=c["head"][1],
         )
+
+
+def weight_numel(w: torch.Tensor) -> int:
+    """Elements of a weight as the model computes with it: a ZeRO-3 parameter that is partitioned
+    at the time of counting holds an empty local tensor, and `ds_numel` is its full size."""
+    return int(getattr(w, "ds_numel", w.numel()))
 
 
 def _config_n_layers(cfg: Any) -> int:

@@ -40,7 +40,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 
 from ragtune import prompts as prompting
 from ragtune.config import ConfigError
-from ragtune.flops import ModelShape
+from ragtune.flops import ModelShape, weight_numel
 from ragtune.ledger import Ledger, clock
 from ragtune.precision import DTYPES
 
@@ -254,8 +254,9 @@ class Generator(nn.Module):
             return shape
         return dataclasses.replace(
             shape,
-            matmul_params=shape.matmul_params - sum(w.numel() for w in idle),
-            trainable_matmul_params=shape.trainable_matmul_params - sum(w.numel() for w in idle if w.requires_grad),
+            matmul_params=shape.matmul_params - sum(weight_numel(w) for w in idle),
+            trainable_matmul_params=shape.trainable_matmul_params
+            - sum(weight_numel(w) for w in idle if w.requires_grad),
         )
 
     # ---- decoding -----------------------------------------------------------------------------------

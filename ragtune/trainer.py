@@ -388,7 +388,8 @@ class Trainer:
 
     def _collect(self, phase: Phase, ctx: StepContext, updates: int) -> Tuple[List[list], Dict[str, float]]:
         """One collection: `grad_accum` question batches -> the strategy's experience, no grad and
-        dropout off, split into `updates * grad_accum` contiguous micro-batches."""
+        dropout off, split into `updates * grad_accum` contiguous micro-batches; its logs averaged
+        over the ranks like the step's."""
         accum = self.tc.grad_accum
         batch = [self.train_qs[j] for _ in range(accum) for j in self.sampler.next()]
         with self.rag.ledger.wall("train"), self.dist.gathered(), self.acc.autocast(), self.rag.scoring():
@@ -402,7 +403,8 @@ class Trainer:
             )
         bounds = [round(i * len(items) / n) for i in range(n + 1)]
         self.rag.set_modes(phase.trains)
-        return [items[bounds[i] : bounds[i + 1]] for i in range(n)], {f"collect/{k}": float(v) for k, v in logs.items()}
+        logs = self._rank_mean({f"collect/{k}": float(v) for k, v in logs.items()})  # the global batch's
+        return [items[bounds[i] : bounds[i + 1]] for i in range(n)], logs
 
     def _train_step(self, opt, sched, ctx: StepContext, clip_norm: float, micro: List[list]) -> Dict[str, float]:
         """One optimizer step over the micro-batches `micro` (`grad_accum` of them).

@@ -26,7 +26,9 @@ The MDP, per training question (an episode):
   after it, the reader then reads what was selected. A question with fewer candidates than the
   horizon ends when its pool is empty.
 
-Learning (on-policy, no replay buffer), per batch:
+Learning (on-policy, no replay buffer), per optimizer step: the rl phase is a collecting phase
+(`Phase.collect`, one update per collection): `collect` runs steps 1-2 for the step's questions
+(all `grad_accum` micro-batches at once), `loss` step 3 on each micro-batch of their episodes.
 1. collection, no grad, eval mode (`rag.scoring()`, charged as `score`), with the online towers:
    one state encode and one index search per step for all questions still running; the action
    is drawn from the Boltzmann policy softmax(Q / alpha) over the `explore_top` best actions;
@@ -37,6 +39,10 @@ Learning (on-policy, no replay buffer), per batch:
    (`losses.lambda_returns`; G_t = r_t at a terminal step, nothing leaks across episode ends);
 3. loss: MSE(Q(s_t, a_t), sg(G_t)) over the valid steps, Q recomputed with grad through both
    online towers, as a `LossSum` over steps (exact under gradient accumulation and ranks).
+Episodes end at different steps, so ranks make different numbers of tower calls while collecting:
+the trainer collects with ZeRO-3's parameters gathered, and the learning step makes the same calls
+on every rank (one state encode, one passage encode while that tower trains). Collected phases
+cannot replay fixed batches, so `diagnostics.grad_variance_every` is refused for the rl phase.
 The targets are set equal to the online towers when the rl phase starts fresh, never when it
 resumes (the checkpoint restored them).
 
@@ -155,6 +161,16 @@ class Episodes:
         return [len(s) for s in self.selected]
 
 
+@dataclass
+class Transitions:
+    """One question's episode as the rl phase learns from it (`collect` -> `loss`): the states
+    visited and the rows taken, in step order, and the lambda-returns G_t of those steps."""
+
+    states: List[str]  # (n,) s_0 .. s_{n-1}
+    actions: List[int]  # (n,) the corpus row taken at each step
+    returns: torch.Tensor  # (n,) G_t, no grad
+
+
 class RLRetriever(Strategy):
     name = "rl_retriever"
     needs_labels = True  # the coverage reward and the reader phase read gold passages
@@ -169,7 +185,7 @@ class RLRetriever(Strategy):
         return (
             ([Phase("reader", frozenset({"generator"}), f)] if f > 0 else [])
             + ([Phase("imitate", trains, g)] if g > 0 else [])
-            + [Phase("rl", trains, 1.0 - f - g)]
+            + [Phase("rl", trains, 1.0 - f - g, collect=True)]
         )
 
     def parts(self):
@@ -209,7 +225,7 @@ class RLRetriever(Strategy):
             return self._reader_loss(batch, rag, ctx)
         if ctx.phase.name == "imitate":
             return self._imitate_loss(batch, rag)
-        return self._rl_loss(batch, rag, ctx)
+        return self._rl_loss(batch, rag)  # the rl phase's micro-batch of `Transitions` (collect)
 
     # ---- phase 1: the reader ------------------------------------------------------------------
     def _reader_loss(self, batch, rag, ctx):
@@ -272,7 +288,13 @@ class RLRetriever(Strategy):
         return LossSum(loss * len(pairs), float(len(pairs))), {"imitate_states": float(len(pairs))}
 
     # ---- phase 3: soft Q(lambda) on the towers ------------------------------------------------
-    def _rl_loss(self, batch, rag, ctx):
+    def collect(self, batch, rag, ctx):
+        """The rl phase's experience: the batch's episodes with the online towers (exploring), their
+        rewards and the lambda-returns G_t from the target towers, one `Transitions` per question;
+        no grad. The trainer runs this without grad and, under ZeRO-3, with the full parameters
+        gathered: episodes end at different steps, so the ranks make different numbers of tower
+        calls here, which a partitioned forward could not take; the learning step (`loss`) makes
+        one call per tower on every rank."""
         gold = [set(rag.rows_of(x.gold_passage_ids)) for x in batch]
         if (self.opts.reward == "coverage" or self.opts.fact_reward) and not all(gold):
             raise ValueError("reward=coverage and fact_reward need gold_passage_ids on every training question")
@@ -282,23 +304,14 @@ class RLRetriever(Strategy):
         rewards, dones, valid = self._rewards(rag, batch, ep, gold)  # (B, T) each
         next_values = self._next_values(rag, ep, rewards.shape)  # (B, T), V(s_{t+1}), 0 where not needed
         returns = losses.lambda_returns(rewards, next_values, dones, self.opts.gamma, self.opts.lam, valid)
-        pairs = [(b, t) for b, n in enumerate(ep.steps()) for t in range(n)]
-        s = self.encode_states(rag, [ep.states[b][t] for b, t in pairs])  # (N, H), with grad
-        taken = torch.tensor([ep.selected[b][t] for b, t in pairs], dtype=torch.long, device=s.device)
-        a = rag.passage_embeddings(taken).to(s.dtype)  # (N, H), with grad while the passage tower trains
-        heads = self._heads(s, a)  # (h, N)
-        g = returns[tuple(torch.tensor(pairs, device=returns.device).T)].to(heads.dtype)  # (N,)
-        total = ((heads - g) ** 2).mean(0).sum()  # each head regressed on sg(G_t)
-        q = heads.detach().mean(0)  # (N,) the acting Q
+        items = [Transitions(ep.states[b], ep.selected[b], returns[b, :n]) for b, n in enumerate(ep.steps())]
         n_gold = [len(x) for x in gold]
         pool0 = ep.pools[0][1] if ep.pools else None
         logs = {
             "episode_return": float(rewards.sum(-1).mean()),
             "episode_steps": float(valid.sum(-1).float().mean()),
             "coverage_rate": _mean([float(g_ <= set(sel)) for g_, sel in zip(gold, ep.selected) if g_]),
-            "td_error": float((q - g).abs().mean()),
-            "q_mean": float(q.mean()),
-            "target_mean": float(g.mean()),
+            "target_mean": float(returns[valid].mean()),
             "pool_recall": _mean(
                 [
                     len(gold[b] & set(pool0.rows[i][pool0.mask[i]].tolist())) / n_gold[b]
@@ -309,6 +322,20 @@ class RLRetriever(Strategy):
                 else []
             ),
         }
+        return items, logs
+
+    def _rl_loss(self, items: Sequence[Transitions], rag):
+        """MSE(Q(s_t, a_t), sg(G_t)) over the micro-batch's steps, Q with grad through the online
+        towers (one state encode, one passage encode while that tower trains), as a `LossSum`."""
+        pairs = [(x, t) for x in items for t in range(len(x.actions))]
+        s = self.encode_states(rag, [x.states[t] for x, t in pairs])  # (N, H), with grad
+        taken = torch.tensor([x.actions[t] for x, t in pairs], dtype=torch.long, device=s.device)
+        a = rag.passage_embeddings(taken).to(s.dtype)  # (N, H), with grad while the passage tower trains
+        heads = self._heads(s, a)  # (h, N)
+        g = torch.cat([x.returns for x in items]).to(heads.device, heads.dtype)  # (N,)
+        total = ((heads - g) ** 2).mean(0).sum()  # each head regressed on sg(G_t)
+        q = heads.detach().mean(0)  # (N,) the acting Q
+        logs = {"td_error": float((q - g).abs().mean()), "q_mean": float(q.mean())}
         return LossSum(total, float(len(pairs))), logs
 
     def _rewards(self, rag, batch, ep: Episodes, gold: List[set]):

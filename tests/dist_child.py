@@ -1,7 +1,8 @@
 """torchrun child of tests/core/test_distributed.py: `ragtune train ARGS` in this process, with
 every DDP all-reduce recorded by a communication hook (which parameters each bucket carried), what
 each phase's wrapped module holds, the rows of every corpus-embedding batch this rank ran (the
-`index` calls of `DualEncoder.encode_tokens`) and this rank's seed; written to
+`index` calls of `DualEncoder.encode_tokens`), the episode lengths of every rl_retriever collection
+and this rank's seed; written to
 $RAGTUNE_DIST_LOG/rank<R>.json for the test to check."""
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from ragtune import distributed
 from ragtune.cli import main
 from ragtune.retriever import DualEncoder
+from ragtune.strategies.rl_retriever import RLRetriever
 
-RECORD = {"phases": [], "allreduces": [], "index_batches": []}
+RECORD = {"phases": [], "allreduces": [], "index_batches": [], "episodes": []}
 _wrap = distributed.DDP._wrap
 _encode_tokens = DualEncoder.encode_tokens
+_collect = RLRetriever.collect
 
 
 def _recording_wrap(self, module):
@@ -54,9 +57,16 @@ def _recording_encode_tokens(self, enc, tower, component, activity=None):
     return _encode_tokens(self, enc, tower, component, activity)
 
 
+def _recording_collect(self, batch, rag, ctx):
+    items, logs = _collect(self, batch, rag, ctx)
+    RECORD["episodes"].append([len(x.actions) for x in items])  # steps of each question's episode
+    return items, logs
+
+
 if __name__ == "__main__":
     distributed.DDP._wrap = _recording_wrap
     DualEncoder.encode_tokens = _recording_encode_tokens
+    RLRetriever.collect = _recording_collect
     code = main(sys.argv[1:])
     RECORD["seed"] = torch.initial_seed()
     out = Path(os.environ["RAGTUNE_DIST_LOG"])

@@ -105,6 +105,18 @@ def test_model_shape_counts_llama_gqa():
     assert s.head_params == 3200 and s.pooler_params == 0
 
 
+def test_model_shape_counts_zero3_partitioned_weights_at_their_full_size():
+    """Under ZeRO-3 a weight outside its module's forward is an empty local tensor with the full
+    size in `ds_numel` (what DeepSpeed sets): the shape is the unpartitioned model's."""
+    m = tiny_bert()
+    want = ModelShape.of(m)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.ds_numel = p.numel()
+            p.data = torch.empty(0)
+    assert ModelShape.of(m) == want
+
+
 # ----------------------------------------------------------------- forward
 
 

@@ -285,6 +285,56 @@ def test_zero3_index_refreshes_are_sharded_and_charged_once(tmp_path):
         assert rec["index_batches"] == _rank_batches(r, builds=4), r
 
 
+# every parameter partitioned, fetched for each module call and released right after it (no reuse,
+# no prefetch): what a model too large to keep gathered runs under
+ZERO3_RELEASED = {
+    "zero_optimization": {
+        "stage": 3,
+        "stage3_param_persistence_threshold": 0,
+        "stage3_max_live_parameters": 0,
+        "stage3_max_reuse_distance": 0,
+        "stage3_prefetch_bucket_size": 0,
+        "overlap_comm": False,
+    }
+}
+RL_EPISODES = ["strategy.name=rl_retriever", "strategy.reader_fraction=0", "strategy.horizon=4", "train.steps=12"]
+# one question per rank and step, drawing from its own few candidates: episodes end at coverage early or late
+RL_EPISODES += ["train.grad_accum=1", "strategy.pool=candidates"]
+
+
+@pytest.mark.slow
+def test_zero3_rl_retriever_episodes_of_different_lengths_match_ddp(tmp_path):
+    """rl_retriever's episodes end at different steps, so while collecting the two ranks make
+    different numbers of tower calls (a step where their longest episodes differ is asserted); the
+    trainer collects with ZeRO-3's parameters gathered and its module hooks detached, so ZeRO-3
+    with every parameter partitioned and no reuse or prefetch runs through (before, such a step
+    hung until the collective timeout) and reproduces the DDP run at the same ranks and seeds. The
+    collection's logs are means over the ranks, as the step's logs are, and the work charged is
+    the DDP run's."""
+    pytest.importorskip("deepspeed")
+    ds = tmp_path / "zero3.json"
+    ds.write_text(json.dumps(ZERO3_RELEASED))
+    zero3 = ["train.distributed=deepspeed", f"train.deepspeed_config={ds}", "train.dist_timeout_s=120"]
+    runs = {}
+    for name, extra in (("ddp", []), ("zero3", zero3)):
+        res, why = _torchrun(tmp_path / name, tmp_path / name / "r", *RL_EPISODES, *extra, child=True)
+        assert res.returncode == 0, why
+        episodes = [json.loads((tmp_path / name / "record" / f"rank{r}.json").read_text())["episodes"] for r in (0, 1)]
+        runs[name] = (_steps(tmp_path / name / "r"), episodes)
+    (ddp, ddp_eps), (z3, z3_eps) = runs["ddp"], runs["zero3"]
+    _same_trajectory(z3, ddp)
+    assert z3_eps == ddp_eps and len(ddp_eps[0]) == len(ddp_eps[1]) == 12
+    # rollouts of different lengths on the two ranks at some step
+    assert any(max(a) != max(b) for a, b in zip(*ddp_eps)), ddp_eps
+    for steps, eps in runs.values():
+        for row, a, b in zip(steps, *eps):
+            assert row["collect/episode_steps"] == (sum(a) / len(a) + sum(b) / len(b)) / 2
+    # the work charged is the DDP run's, component by component
+    costs = [json.loads((tmp_path / n / "r" / "result.json").read_text())["cost"] for n in ("ddp", "zero3")]
+    for key in ("flops_by_component", "tokens_by_component", "calls_by_component"):
+        assert costs[1][key] == costs[0][key], key
+
+
 @pytest.mark.slow
 def test_deepspeed_bf16_hands_back_the_float32_master_weights(tmp_path):
     """A bf16 engine trains a bf16 copy of the module; at the phase end the optimizer's float32

@@ -36,7 +36,11 @@ def test_loss_is_finite_scalar_with_float_logs_in_every_phase(tmp_path, name, ex
     data, m, _ = build(tiny_cfg(tmp_path, f"strategy.name={name}", *extra))
     for phase in m.strategy.phases():
         m.set_modes(phase.trains)
-        out, logs = m.strategy.loss(data.train[:4], m, step_ctx(m, phase.name))
+        ctx, batch = step_ctx(m, phase.name), data.train[:4]
+        if phase.collect:  # as the trainer does: experience first (no grad), then the loss on it
+            with m.scoring():
+                batch, _ = m.strategy.collect(batch, m, ctx)
+        out, logs = m.strategy.loss(list(batch), m, ctx)
         loss = out.total if isinstance(out, LossSum) else out
         assert loss.dim() == 0 and torch.isfinite(loss), phase.name
         assert all(isinstance(v, float) for v in logs.values()), logs

@@ -70,6 +70,15 @@ def _script(monkeypatch, s, plan):
     return calls
 
 
+def _rl_step(s, batch, m, ctx):
+    """The rl phase as the trainer runs it: `collect` on the questions, `loss` on their episodes;
+    (loss, collect logs + loss logs)."""
+    items, clogs = s.collect(batch, m, ctx)
+    assert len(items) == len(batch)
+    out, logs = s.loss(items, m, ctx)
+    return out, {**clogs, **logs}
+
+
 # ---- targets: Polyak in the rl phase only, copied on a fresh rl start only --------------------------
 def test_polyak_update_only_after_rl_steps_and_only_of_the_targets(tmp_path):
     _, m, _ = build(tiny_cfg(tmp_path, RL, "strategy.tau=0.25"))
@@ -174,7 +183,7 @@ def test_returns_are_the_gated_lambda_returns_of_a_scripted_episode(tmp_path, mo
     plan = {0: [g0[0], g0[1]], 1: d1[:3]}  # q0 covers its gold at step 1 (inside the window); q1 never
     calls = _script(monkeypatch, s, plan)
     seen = _spy_returns(monkeypatch)
-    out, logs = s.loss(batch, m, step_ctx(m, "rl", k=2))
+    out, logs = _rl_step(s, batch, m, step_ctx(m, "rl", k=2))
     assert [c[1] for c in calls] == [[0, 1], [0, 1], [1]]  # q0's episode ended at coverage
 
     texts = m.passage_texts
@@ -224,7 +233,7 @@ def test_reward_given_once_at_first_coverage_and_answer_em_at_the_end(tmp_path, 
     plan = {0: [d0[0], g0[0], d0[1], d0[2]], 1: [g1[0], d1[0], d1[1], g1[1]]}
     calls = _script(monkeypatch, s, plan)
     seen = _spy_returns(monkeypatch)
-    s.loss(batch, m, step_ctx(m, "rl"))
+    _rl_step(s, batch, m, step_ctx(m, "rl"))
     assert seen[0]["rewards"].tolist() == [[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
     assert seen[0]["mask"].tolist() == [[True, True, False, False], [True] * 4]
     assert [b for _, running in calls for b in running].count(0) == 2  # nothing chosen after coverage
@@ -242,7 +251,7 @@ def test_reward_given_once_at_first_coverage_and_answer_em_at_the_end(tmp_path, 
         return [batch[0].answers[0], "not it"]
 
     monkeypatch.setattr(m.generator, "generate_multi", generate_multi)
-    s.loss(batch, m, step_ctx(m, "rl"))
+    _rl_step(s, batch, m, step_ctx(m, "rl"))
     assert seen[0]["rewards"].tolist() == [[0.0, 0.0, 0.0, 1.0], [0.0] * 4]  # EM, once, at the last step
     assert seen[0]["mask"].tolist() == [[True] * 4] * 2  # no early end without the coverage reward
     assert read == [[[m.passage_texts[r] for r in plan[b]] for b in (0, 1)]]  # in selection order
@@ -257,7 +266,7 @@ def test_fact_reward_pays_each_gold_passage_once_at_the_step_that_selects_it(tmp
     d = [r for r in m.rows_of(batch[0].candidate_passage_ids) if r not in g]
     _script(monkeypatch, m.strategy, {0: [g[1], d[0], g[0], d[1]]})
     seen = _spy_returns(monkeypatch)
-    m.strategy.loss(batch, m, step_ctx(m, "rl"))
+    _rl_step(m.strategy, batch, m, step_ctx(m, "rl"))
     assert seen[0]["rewards"].tolist() == [[0.25, 0.0, 1.25]]  # + 1 at coverage (step 2): the episode ends
     assert seen[0]["dones"].tolist() == [[False, False, True]]
 
@@ -356,7 +365,7 @@ def test_collection_is_no_grad_in_eval_mode_and_searches_once_per_step(tmp_path,
     m.set_modes(set(TOWERS))  # as the trainer leaves them: dropout on in the trained towers
     encodes, searches = _spy_calls(monkeypatch, m)
     batch = data.train[:6]
-    out, logs = m.strategy.loss(batch, m, step_ctx(m, "rl"))
+    out, logs = _rl_step(m.strategy, batch, m, step_ctx(m, "rl"))
     *collect, last = encodes
     assert last[0] == "query_encoder" and last[2] and last[3]  # the recompute: with grad, train mode
     assert last[1] == out.count
@@ -524,7 +533,7 @@ def test_collection_encodes_each_pool_passage_once_while_the_passage_tower_train
 
     monkeypatch.setattr(m, "passage_embeddings", passage_embeddings)
     monkeypatch.setattr(m.strategy, "_choose", choose)
-    m.strategy.loss(data.train[:6], m, step_ctx(m, "rl"))
+    _rl_step(m.strategy, data.train[:6], m, step_ctx(m, "rl"))
     pooled = {r for _, rows, valid in qs for r in rows[valid].tolist()}
     assert len(rows_asked) == len(set(rows_asked)) and set(rows_asked) == pooled  # once each
     q, rows, valid = qs[0]  # step 0 of question 0: fresh eval-mode encodes of the question and its pool
