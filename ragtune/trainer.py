@@ -166,6 +166,13 @@ class Trainer:
                 "config key 'diagnostics.grad_variance_every': its backward would run through DeepSpeed's "
                 "gradient hooks (train.distributed=deepspeed); set it to 0"
             )
+        replayless = [p.name for _, p, n in self.plan if n and (p.collect or p.examples)]
+        if replayless and cfg.diagnostics.grad_variance_every:  # refused before any phase trains
+            raise ConfigError(
+                f"config key 'diagnostics.grad_variance_every': phase '{replayless[0]}' of "
+                f"'{self.strategy.name}' trains on collected experience or built examples, which the "
+                "gradient-variance diagnostic (fixed question batches) cannot replay; set it to 0"
+            )
         distributed.seed_rank(self.tc.seed, accelerator.process_index)  # after every rank built the same models
 
     # ---- setup per phase --------------------------------------------------------------------
@@ -259,12 +266,6 @@ class Trainer:
             leave=False,
         )
         items, sampler = self._phase_data(phase, first, state)
-        if (phase.collect or phase.examples) and self.cfg.diagnostics.grad_variance_every:
-            raise ConfigError(
-                f"config key 'diagnostics.grad_variance_every': phase '{phase.name}' of "
-                f"'{self.strategy.name}' trains on collected experience or built examples, which the "
-                "gradient-variance diagnostic (fixed question batches) cannot replay; set it to 0"
-            )
         if phase.collect and first % phase.updates:
             raise RuntimeError(f"checkpoint at phase step {first} is not on a collection boundary of '{phase.name}'")
         self.rag.set_modes(phase.trains)

@@ -134,4 +134,9 @@ def test_too_little_experience_and_diagnostics_are_errors(tmp_path):
         make_trainer(cfg, data, m).fit()
     cfg = tiny_cfg(tmp_path / "b", *COMMON, "train.steps=4", "diagnostics.grad_variance_every=1")
     with pytest.raises(ConfigError, match="diagnostics.grad_variance_every"):
-        make_trainer(cfg, data, m).fit()
+        make_trainer(cfg, data, m)  # at construction: before any phase trains
+    # rl_retriever: its reader phase could replay fixed batches, its rl phase (collected) cannot
+    cfg = tiny_cfg(tmp_path / "c", "strategy.name=rl_retriever", "train.steps=4", "diagnostics.grad_variance_every=1")
+    data, m, _ = build(cfg)
+    with pytest.raises(ConfigError, match="phase 'rl' of 'rl_retriever'"):
+        make_trainer(cfg, data, m)
