@@ -311,7 +311,7 @@ class TrainConfig:
     distributed: str = choice("ddp", "ddp", "deepspeed")
     deepspeed_config: str = ""
     dist_timeout_s: int = positive(1800)  # a training collective waiting longer fails the run
-    dist_wait_s: int = positive(86400)  # how long other ranks wait while the main process evaluates or writes
+    dist_wait_s: int = positive(86400)  # how long other ranks wait while the main process writes
     tensorboard: bool = False
     progress: bool = True
     only_phase: str = ""  # run only this phase of a phased strategy

@@ -43,8 +43,9 @@ size) it shards by.
 
 Also here: per-rank seeds (`seed_rank`: rank 0 keeps the run's seed, so rank 0 of N processes
 draws what one process draws), and `wait_for_main`, the barrier other ranks wait at while the main
-process evaluates or writes, on its own gloo group with `train.dist_wait_s` as timeout, so a long
-evaluation never trips the training collectives' `train.dist_timeout_s`.
+process writes (final weights, results), on its own gloo group with `train.dist_wait_s` as timeout,
+so a slow write never trips the training collectives' `train.dist_timeout_s`. Evaluation is
+sharded over the ranks (`ragtune.evaluate`, `sharded=True`), not main-only.
 """
 
 from __future__ import annotations
@@ -259,7 +260,7 @@ def all_gather_rows(x: torch.Tensor, chunk_bytes: int = 64 << 20) -> List[torch.
 
 
 def wait_for_main(acc) -> None:
-    """Barrier at which every rank waits for main-process-only work (evaluation, writes), with the
+    """Barrier at which every rank waits for main-process-only work (writes), with the
     long `train.dist_wait_s` timeout of its own gloo group (`wait_for_everyone` without a group)."""
     if acc.num_processes == 1:
         return

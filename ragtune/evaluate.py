@@ -24,6 +24,13 @@ many sequential retrieval rounds and how many search queries it used (top-level 
 `queries`); a core decoder searches once (1 and 1). Everything runs under
 `ledger.evaluating()`: reported, never counted as training cost. `METRICS` (ragtune.metrics)
 lists every score emitted here.
+
+`sharded=True` under a process group of W ranks (every rank calls it): batch j of the questions
+(in order, `batch_size` each) is predicted by rank j % W only, whole batches, so each batch is
+computed exactly as one process computes it; the per-batch results are all-gathered and every
+rank scores the same full list (the same result as one process, predictions in question order).
+Each rank charges only its batches to its ledger, so a merge of the ranks' ledgers counts the
+evaluation once; `seconds_per_question` and `flops_per_question` sum the ranks' shares.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import torch
 
 from ragtune import decoding, metrics
 from ragtune.data import Question
+from ragtune.distributed import rank_world
 from ragtune.ledger import clock
 from ragtune.strategy import StepContext
 
@@ -51,10 +59,12 @@ def evaluate(
     step: int = 0,
     decoder: str = "auto",
     beams: int = 2,
+    sharded: bool = False,
 ) -> Dict[str, object]:
     """Scores and per-question predictions (`predictions`) of the strategy's predictor (or the core
     decoder `decoder` with `beams`, see ragtune.decoding; always the core decoder on gold-first
-    passages with `oracle`). `step`: optimizer steps done, passed to `predict` in its StepContext."""
+    passages with `oracle`). `step`: optimizer steps done, passed to `predict` in its StepContext.
+    `sharded`: the batches split over the ranks of the process group (module docstring)."""
     core = decoding.resolve(decoder, rag.strategy)
     reports = dict(rag.strategy.reports or {})
     _check_report_names(rag.strategy.name, reports)
@@ -62,25 +72,30 @@ def evaluate(
     kmax = min(max([*recall_ks, k]), len(rag.corpus))
     modes = [(mod, mod.training) for mod in rag.modules()]
     rag.eval()
-    preds: List[dict] = []
-    single: List[List[str]] = []  # (N, kmax) ids of the single-step search
-    decoders, seconds, flops = set(), 0.0, 0
+    rank, world = rank_world() if sharded else (0, 1)
+    starts = range(0, len(questions), batch_size)
+    mine = []  # this rank's batches: (j, predictions, single-step ids (B, kmax), decoders, seconds, flops)
     try:
         with rag.ledger.evaluating():
-            for i in range(0, len(questions), batch_size):
-                batch = list(questions[i : i + batch_size])
+            for j in range(rank, len(starts), world):  # batch j on rank j % world
+                batch = list(questions[starts[j] : starts[j] + batch_size])
                 f0, t0 = _eval_flops(rag.ledger), clock()
                 out, q, rows, used = _predict_batch(rag, batch, k, ctx, reports, oracle, core, beams)
-                seconds, flops = seconds + clock() - t0, flops + _eval_flops(rag.ledger) - f0
-                preds += out
-                decoders |= used
+                seconds, flops = clock() - t0, _eval_flops(rag.ledger) - f0
                 # single-step recall: the core decoder's question embeddings (and search) when it has them
                 q = rag.encode_questions([x.question for x in batch]) if q is None else q  # (B, H)
                 top = rows if rows is not None and kmax == k else rag.search(q, kmax)  # (B, kmax)
-                single += [[rag.corpus[r].id for r in row] for row in top.tolist()]
+                single = [[rag.corpus[r].id for r in row] for row in top.tolist()]
+                mine.append((j, out, single, sorted(used), seconds, flops))
     finally:
         for mod, mode in modes:
             mod.training = mode
+    shares = rag.gather(mine) if world > 1 else [mine]  # every rank's batches, on every rank
+    done = sorted((b for share in shares for b in share), key=lambda b: b[0])
+    preds = [p for b in done for p in b[1]]
+    single = [ids for b in done for ids in b[2]]
+    decoders = {d for b in done for d in b[3]}
+    seconds, flops = sum(b[4] for b in done), sum(b[5] for b in done)
     res = score(questions, preds, single, recall_ks, list(reports))
     n = max(len(questions), 1)
     res.update(

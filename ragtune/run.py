@@ -25,7 +25,7 @@ from ragtune.data import RAGData, load_hf, load_passages, load_questions, load_s
 from ragtune.data.schema import ConcatTexts, DataError
 from ragtune.data.synth import SynthConfig
 from ragtune.data.validate import split_overlap
-from ragtune.distributed import wait_for_main
+from ragtune.distributed import rank_world, wait_for_main
 from ragtune.evaluate import evaluate
 from ragtune.generator import build_generator
 from ragtune.index import DenseIndex
@@ -194,24 +194,28 @@ def _train(cfg, run_dir: Path) -> Dict[str, object]:
     except Diverged as e:
         result.update(status="diverged", reason=str(e), dev=None, test=None)
     extra = merged_extra_state(rag.strategy)  # every rank's strategy state: all ranks gather, then rank 0 writes
-    if not acc.is_main_process:  # the main process evaluates and writes the results
-        wait_for_main(acc)  # with train.dist_wait_s, which covers the evaluation
-        return {**result, "secondary_process": True}
     if result["status"] == "ok":
-        # the index travels with the weights, so a run continuing from this one (train.init_from)
-        # does not re-embed (and re-pay for) a corpus this run already embedded
-        # (a reference to the index store's one copy, `ragtune.index_store`, unless index.store=inline)
-        final_file = rundir.final_path(run_dir)
-        final = {
-            "weights": trained_weights(rag, trainer.components),
-            "index": rag.index.state_dict(referrer=final_file),
-            "sampler": trainer.sampler.state_dict(),
-            "strategy_extra": extra,
-        }
-        rundir.write_final(run_dir, final)
-        rag.index.release(final_file)  # entries an earlier final.pt of this run directory referenced
-        result["index"] = {**rag.index.info, "passages": len(rag.index), "key": final["index"].get("ref")}
-        result.update(evaluate_splits(cfg, rag, data, run_dir, trainer.step))
+        if acc.is_main_process:
+            # the index travels with the weights, so a run continuing from this one (train.init_from)
+            # does not re-embed (and re-pay for) a corpus this run already embedded
+            # (a reference to the index store's one copy, `ragtune.index_store`, unless index.store=inline)
+            final_file = rundir.final_path(run_dir)
+            final = {
+                "weights": trained_weights(rag, trainer.components),
+                "index": rag.index.state_dict(referrer=final_file),
+                "sampler": trainer.sampler.state_dict(),
+                "strategy_extra": extra,
+            }
+            rundir.write_final(run_dir, final)
+            rag.index.release(final_file)  # entries an earlier final.pt of this run directory referenced
+            result["index"] = {**rag.index.info, "passages": len(rag.index), "key": final["index"].get("ref")}
+        # every rank: sharded over the ranks, the main process writes the predictions; then the
+        # ranks' evaluation charges are folded into the main ledger (counted once)
+        result.update(evaluate_splits(cfg, rag, data, run_dir, trainer.step, sharded=True))
+        trainer.sync_ledger()
+    if not acc.is_main_process:  # the main process writes the results
+        wait_for_main(acc)
+        return {**result, "secondary_process": True}
     result["steps"] = trainer.step
     result["cost"] = ledger.totals()
     write_result(run_dir, result)
@@ -219,8 +223,12 @@ def _train(cfg, run_dir: Path) -> Dict[str, object]:
     return result
 
 
-def evaluate_splits(cfg, rag: RAGPipeline, data: RAGData, run_dir: Path, step: int = 0) -> Dict[str, object]:
-    """Score each configured split; per-question predictions go to the run directory (rundir)."""
+def evaluate_splits(
+    cfg, rag: RAGPipeline, data: RAGData, run_dir: Path, step: int = 0, sharded: bool = False
+) -> Dict[str, object]:
+    """Score each configured split; per-question predictions go to the run directory (rundir).
+    `sharded`: every rank of the process group calls this and predicts its share of the batches
+    (`evaluate`), all get the scores, rank 0 writes the predictions."""
     ec, out = cfg.eval, {}
     device = rag.generator.device
     for split in ec.splits:
@@ -236,8 +244,11 @@ def evaluate_splits(cfg, rag: RAGPipeline, data: RAGData, run_dir: Path, step: i
                 step=step,
                 decoder=ec.decoder,
                 beams=ec.beams,
+                sharded=sharded,
             )
-        rundir.write_predictions(run_dir, split, res.pop("predictions"))
+        predictions = res.pop("predictions")
+        if rank_world()[0] == 0:
+            rundir.write_predictions(run_dir, split, predictions)
         out[split] = res
     return out
 

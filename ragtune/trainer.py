@@ -21,8 +21,9 @@ Several processes (`ragtune.distributed`): only the phase's trained components a
 or a DeepSpeed ZeRO-2/3 engine), accumulation micro-steps skip the all-reduce, each rank draws
 from its own seed (its RNG state is checkpointed per rank), logged step values are means over
 ranks (the global batch), the corpus embedding of the initial index and of every refresh is
-sharded over the ranks and gathered (charged once for the logical work), and the other ranks wait
-for the main process's evaluation and writes at a barrier with its own long timeout.
+sharded over the ranks and gathered (charged once for the logical work), so is dev evaluation
+(`evaluate(sharded=True)`: batch j on rank j % W, the one-process result on every rank), and the
+other ranks wait for the main process's writes at a barrier with its own long timeout.
 
 Hook order (the contract in `ragtune.strategy`): setup (in `run.build_pipeline`) -> restore ->
 `on_phase_start(rag, ctx, resumed)` -> per step `loss` ... `on_step_end(rag, ctx)`.
@@ -251,7 +252,7 @@ class Trainer:
                     self.dist.end_phase()
                     self.model = self.rag
             self.rag.doc_trained = False
-        self._sync_ledger()
+        self.sync_ledger()
         if self.tb:
             self.tb.close()
 
@@ -325,7 +326,7 @@ class Trainer:
         engine's own checkpoint (partitioned optimizer state) under a new tag that last.pt names."""
         with self.dist.gathered():
             distributed.all_agree(self.acc, lambda: self.check_finite_weights(opt))
-        self._sync_ledger()
+        self.sync_ledger()
         extra = merged_extra_state(self.strategy)  # a collective: every rank, before the main-only write
         trainer = {"norm_window": dict(self.norm_window), "rank_rng": self.rag.gather(rng_state())}
         if example_sampler is not None and not last:
@@ -518,7 +519,7 @@ class Trainer:
                             f"non-finite optimizer state '{key}' of {g['name']} parameter {i} after step {self.step}"
                         )
 
-    def _sync_ledger(self) -> None:
+    def sync_ledger(self) -> None:
         """Several processes: fold every rank's charges into the main rank's ledger, then reset the
         others, so the main ledger (the one checkpointed and reported) always holds the total."""
         if self.acc.num_processes == 1:
@@ -541,36 +542,35 @@ class Trainer:
         """Re-embed the corpus into the index every rank searches. Several processes: sharded
         (`RAGPipeline.refresh_index`: each rank embeds its share of the batches, the rows are
         gathered, every rank builds the same full index) and each rank charges only its share, so
-        `_sync_ledger`'s merge counts the refresh once. ZeRO-3: under `gathered()`, whose pinned
+        `sync_ledger`'s merge counts the refresh once. ZeRO-3: under `gathered()`, whose pinned
         full parameters let the ranks run different numbers of passage-tower forwards."""
         with self.rag.ledger.wall("index"), self.dist.gathered():
             self.rag.refresh_index(self.cfg.index.batch_size)
 
     def _eval_dev(self, phase):
-        """Dev evaluation on the main process (one per run, not one per rank) while the others wait
-        at `wait_for_main` (its long timeout covers the evaluation; ZeRO-3: parameters gathered)."""
-        with self.dist.gathered():
-            if self.acc.is_main_process:
-                ec = self.cfg.eval
-                with self.rag.ledger.wall("eval"), self.acc.autocast():  # under the training precision
-                    res = evaluate(
-                        self.rag,
-                        self.dev_qs,
-                        ec.k or self.tc.k,
-                        list(ec.recall_k),
-                        ec.batch_size,
-                        step=self.step,
-                        decoder=ec.decoder,
-                        beams=ec.beams,
-                    )
-                self._log(
-                    {
-                        "step": self.step,
-                        "phase": phase.name,
-                        **{f"dev/{k}": v for k, v in res.items() if isinstance(v, (int, float))},
-                    }
-                )
-            distributed.wait_for_main(self.acc)
+        """Dev evaluation sharded over the ranks (`evaluate(sharded=True)`: each rank predicts its
+        share of the batches, every rank gets the one-process result, each charges its share;
+        ZeRO-3: parameters gathered); the main process logs it."""
+        ec = self.cfg.eval
+        with self.dist.gathered(), self.rag.ledger.wall("eval"), self.acc.autocast():  # the training precision
+            res = evaluate(
+                self.rag,
+                self.dev_qs,
+                ec.k or self.tc.k,
+                list(ec.recall_k),
+                ec.batch_size,
+                step=self.step,
+                decoder=ec.decoder,
+                beams=ec.beams,
+                sharded=True,
+            )
+        self._log(
+            {
+                "step": self.step,
+                "phase": phase.name,
+                **{f"dev/{k}": v for k, v in res.items() if isinstance(v, (int, float))},
+            }
+        )
         self.rag.set_modes(phase.trains)
 
     def _log(self, row: Dict[str, object]) -> None:

@@ -1,8 +1,8 @@
 """torchrun child of tests/core/test_distributed.py: `ragtune train ARGS` in this process, with
 every DDP all-reduce recorded by a communication hook (which parameters each bucket carried), what
 each phase's wrapped module holds, the rows of every corpus-embedding batch this rank ran (the
-`index` calls of `DualEncoder.encode_tokens`), the episode lengths of every rl_retriever collection
-and this rank's seed; written to
+`index` calls of `DualEncoder.encode_tokens`), the episode lengths of every rl_retriever collection,
+the question ids of every evaluation batch this rank predicted and this rank's seed; written to
 $RAGTUNE_DIST_LOG/rank<R>.json for the test to check."""
 
 from __future__ import annotations
@@ -15,15 +15,16 @@ from pathlib import Path
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from ragtune import distributed
+from ragtune import distributed, evaluate
 from ragtune.cli import main
 from ragtune.retriever import DualEncoder
 from ragtune.strategies.rl_retriever import RLRetriever
 
-RECORD = {"phases": [], "allreduces": [], "index_batches": [], "episodes": []}
+RECORD = {"phases": [], "allreduces": [], "index_batches": [], "episodes": [], "eval_batches": []}
 _wrap = distributed.DDP._wrap
 _encode_tokens = DualEncoder.encode_tokens
 _collect = RLRetriever.collect
+_predict_batch = evaluate._predict_batch
 
 
 def _recording_wrap(self, module):
@@ -63,10 +64,16 @@ def _recording_collect(self, batch, rag, ctx):
     return items, logs
 
 
+def _recording_predict_batch(rag, batch, *args):
+    RECORD["eval_batches"].append([x.id for x in batch])
+    return _predict_batch(rag, batch, *args)
+
+
 if __name__ == "__main__":
     distributed.DDP._wrap = _recording_wrap
     DualEncoder.encode_tokens = _recording_encode_tokens
     RLRetriever.collect = _recording_collect
+    evaluate._predict_batch = _recording_predict_batch
     code = main(sys.argv[1:])
     RECORD["seed"] = torch.initial_seed()
     out = Path(os.environ["RAGTUNE_DIST_LOG"])

@@ -29,7 +29,7 @@ from collections import Counter
 import pytest
 import torch
 
-from ragtune import distributed, run
+from ragtune import distributed, run, rundir
 from ragtune.config import ConfigError
 from ragtune.index_store import IndexStore
 from ragtune.ledger import Ledger
@@ -217,6 +217,38 @@ def test_ddp_wraps_only_trained_parameters_syncs_once_per_step_and_matches_one_p
     assert records[0]["seed"] != records[1]["seed"]  # per-rank seeds
     for r, rec in enumerate(records):  # each rank embedded its share of the initial index only
         assert rec["index_batches"] == _rank_batches(r, builds=1), r
+
+
+EVAL_BATCH = 3  # 16 dev and 16 test questions: 6 batches each, the last of one question
+
+
+@pytest.mark.slow
+def test_ddp_evaluation_is_sharded_and_scores_what_one_process_scores(tmp_path):
+    """Dev at steps 3 and 6 and the final dev + test evaluation run on both ranks: batch j (of
+    `eval.batch_size`, in question order) on rank j % 2 only. The final scores are exactly those of
+    a one-process re-evaluation of the same final weights (`ragtune eval`), FLOPs per question
+    included (the ranks' shares summed), and so are the predictions the main rank wrote."""
+    evals = ["eval.splits=[dev,test]", f"eval.batch_size={EVAL_BATCH}", "train.eval_every=3"]
+    res, why = _torchrun(tmp_path, tmp_path / "r", *evals, child=True)
+    assert res.returncode == 0, why
+    data = run.load_data(tiny_cfg(tmp_path / "x").data)
+    ids = {split: [x.id for x in getattr(data, split)] for split in ("dev", "test")}
+    batches = {s: [v[i : i + EVAL_BATCH] for i in range(0, len(v), EVAL_BATCH)] for s, v in ids.items()}
+    for r in (0, 1):
+        got = json.loads((tmp_path / "record" / f"rank{r}.json").read_text())["eval_batches"]
+        share = {s: b[r::2] for s, b in batches.items()}
+        assert got == share["dev"] * 3 + share["test"], r  # dev at steps 3 and 6, then the final dev, test
+    result = json.loads((tmp_path / "r" / "result.json").read_text())
+    written = {s: rundir.predictions_path(tmp_path / "r", s).read_text() for s in ("dev", "test")}
+    scores = run.eval_run(tmp_path / "r")  # one process, the same final.pt (rewrites the predictions)
+    for split in ("dev", "test"):
+        assert {k: v for k, v in result[split].items() if k != "seconds_per_question"} == {
+            k: v for k, v in scores[split].items() if k != "seconds_per_question"
+        }, split
+        assert result[split]["flops_per_question"] > 0
+        assert rundir.predictions_path(tmp_path / "r", split).read_text() == written[split], split
+    rows = [json.loads(ln) for ln in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "dev/em" in r] == [3, 6]
 
 
 ZERO3_PARTITIONED = {  # every parameter partitioned (the shipped config keeps small ones whole)
