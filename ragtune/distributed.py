@@ -71,7 +71,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DEEPSPEED_CONFIG = "configs/deepspeed/zero2.json"
 # DeepSpeed keys ragtune fills from train.* (its loop draws the batches and steps the schedule)
 FILLED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping")
-_PIN = -1  # a pseudo sub-module id that keeps gathered ZeRO-3 parameters from being released
 _WAIT: Dict[str, object] = {}  # the gloo group of `wait_for_main`
 
 
@@ -478,8 +477,8 @@ class DeepSpeed(Local):
         rank enters; read-only: changes are discarded), with the engine's module hooks detached, so
         module calls inside (refresh, generation, collection) fetch nothing and leave no trace in
         the call order DeepSpeed checks across ranks: the ranks may make different calls there.
-        A DeepSpeed without detachable hooks: the parameters are pinned instead (fetched already,
-        never released inside; then the ranks must make the same calls). Other stages: nothing."""
+        The hooks are registered again on exit (module ids renumbered from 0, the same on every
+        rank; DeepSpeed drops its recorded trace and records it again). Other stages: nothing."""
         if self.engine is None or self.stage != 3:
             yield
             return
@@ -487,23 +486,14 @@ class DeepSpeed(Local):
 
         params = list(self.engine.module.parameters())
         offload = getattr(self.engine.optimizer, "parameter_offload", self.engine.optimizer)
-        detach = all(hasattr(offload, a) for a in ("forward_hooks", "backward_hooks", "_register_deepspeed_module"))
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            if detach:
-                for hook in (*offload.forward_hooks, *offload.backward_hooks):
-                    hook.remove()
-                offload.forward_hooks, offload.backward_hooks = [], []
-            else:
-                for p in params:
-                    p.ds_active_sub_modules.add(_PIN)
+            for hook in (*offload.forward_hooks, *offload.backward_hooks):
+                hook.remove()
+            offload.forward_hooks, offload.backward_hooks = [], []
             try:
                 yield
             finally:
-                if detach:  # the same module ids as at the engine's start (a stale trace is re-recorded)
-                    offload._register_deepspeed_module(offload.module, count=[0])
-                else:
-                    for p in params:
-                        p.ds_active_sub_modules.discard(_PIN)
+                offload._register_deepspeed_module(offload.module, count=[0])  # DeepSpeed >= 0.16.4
 
     def end_phase(self) -> None:
         """Destroy the engine; the parameters become plain full tensors again (ZeRO-3: gathered

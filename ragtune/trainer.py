@@ -542,8 +542,8 @@ class Trainer:
         """Re-embed the corpus into the index every rank searches. Several processes: sharded
         (`RAGPipeline.refresh_index`: each rank embeds its share of the batches, the rows are
         gathered, every rank builds the same full index) and each rank charges only its share, so
-        `sync_ledger`'s merge counts the refresh once. ZeRO-3: under `gathered()`, whose pinned
-        full parameters let the ranks run different numbers of passage-tower forwards."""
+        `sync_ledger`'s merge counts the refresh once. ZeRO-3: under `gathered()`, whose full
+        parameters and detached hooks let the ranks run different numbers of passage-tower forwards."""
         with self.rag.ledger.wall("index"), self.dist.gathered():
             self.rag.refresh_index(self.cfg.index.batch_size)
 
