@@ -280,7 +280,9 @@ class RLRetriever(Strategy):
                 top = rag.search(s.detach(), min(len(rag.index), n + len(set(uniq.tolist())) + max(map(len, own))))
             skip = set(uniq.tolist())
             rows = [[r for r in row if r not in g and r not in skip][:n] for row, g in zip(top.tolist(), own)]
-            m = min(map(len, rows))  # equal per state (a tiny index may leave fewer than n, or none)
+            # equal per state and over the ranks (a tiny index may leave fewer than n, or none: then
+            # no rank makes the passage-tower call, which ZeRO-3 needs to be the same on every rank)
+            m = min(rag.gather(min(map(len, rows))))
             if m:
                 idx = torch.tensor([r[:m] for r in rows], dtype=torch.long, device=dev)
                 hard = rag.passage_embeddings(idx).to(s.dtype)  # (P, M, H)

@@ -315,6 +315,26 @@ def test_imitation_scores_each_state_of_the_gold_chain_against_its_next_gold_pas
     assert torch.allclose(loss.total, want, atol=1e-5)
 
 
+def test_imitation_mines_as_many_negatives_as_the_poorest_rank(tmp_path, monkeypatch):
+    """The mined negatives per state are the minimum over the ranks (the same passage-tower calls
+    on every rank): a rank that could mine 3 takes 1 when another can mine only 1, none when
+    another can mine none (then no rank encodes negatives)."""
+    cfg = tiny_cfg(tmp_path, RL, "strategy.imitate_fraction=0.3", "strategy.imitate_negatives=3")
+    data, m, _ = build(cfg)
+    seen = []
+    orig = losses.contrastive_loss
+
+    def spy(q, d, positives, temperature, hard_negatives=None, mask_out=None):
+        seen.append(None if hard_negatives is None else hard_negatives.shape[1])
+        return orig(q, d, positives, temperature, hard_negatives, mask_out)
+
+    monkeypatch.setattr(losses, "contrastive_loss", spy)
+    for other in (None, 1, 0):  # one process; a second rank with 1; with 0
+        monkeypatch.setattr(m, "gather", lambda x, o=other: [x] if o is None else [x, o])
+        m.strategy.loss(data.train[:2], m, step_ctx(m, "imitate"))
+    assert seen == [3, 1, None]
+
+
 def test_imitation_order_any_targets_every_gold_passage_not_selected_yet(tmp_path, monkeypatch):
     cfg = tiny_cfg(tmp_path, RL, "strategy.imitate_fraction=0.3", "strategy.imitate_order=any")
     data, m, _ = build(cfg)
