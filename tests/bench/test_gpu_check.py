@@ -277,7 +277,11 @@ def test_wheelhouse_leaves_out_what_the_node_has_through_stand_in_wheels(tmp_pat
         assert "Name: py-arrow\nVersion: 26.0.1+gpucheckstub" in meta and "Requires-Dist" not in meta  # no deps
         assert sorted(n.rsplit("/", 1)[1] for n in z.namelist()) == ["METADATA", "RECORD", "WHEEL"]
     reqs = gc.ragtune_requirements(["dev", "deepspeed", "gpu"])
-    assert reqs[0].startswith("torch") and "deepspeed" in reqs and any(r.startswith("faiss-gpu") for r in reqs)
+    assert (
+        reqs[0].startswith("torch")
+        and any(r.startswith("deepspeed") for r in reqs)
+        and any(r.startswith("faiss-gpu") for r in reqs)
+    )
     assert "faiss-cpu" not in reqs and len(reqs) == len(set(reqs))
     with pytest.raises(ValueError, match="no extra 'cuda'"):
         gc.ragtune_requirements(["cuda"])
